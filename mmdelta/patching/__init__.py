@@ -1,0 +1,15 @@
+"""Placing, switching and freezing Δ patches on OpenMMLab models."""
+
+from .apply import apply_delta_patch
+from .config import DeltaPatchConfigError
+from .state import active_patch, delta_disabled, get_delta_patch_cfg
+from .summary import PatchSummary
+
+__all__ = [
+    "DeltaPatchConfigError",
+    "PatchSummary",
+    "active_patch",
+    "apply_delta_patch",
+    "delta_disabled",
+    "get_delta_patch_cfg",
+]

@@ -1,0 +1,128 @@
+"""The ``delta_patch`` config schema: validation and resolution (defaults filled in).
+
+Schema (what a config's top-level ``delta_patch = dict(...)`` key holds)::
+
+    delta_patch = dict(
+        name='default',          # patch name: letters, digits, '_'; keys its Δ parameters
+        targets=None,            # module-path glob patterns to patch; None = the default:
+                                 #   'backbone', 'neck' (if any), 'decode_head' (if any)
+        exclude=[],              # module-path glob patterns to leave out of `targets`
+        branch=dict(type='LowRankDelta', rank=8, alpha=None),   # a DELTA_BRANCHES type
+        trainable=[],            # module paths the patch retrains (patch-owned modules);
+                                 #   must be empty until patch-owned modules are supported
+    )
+
+Patterns are ``fnmatch`` globs over dotted module paths (``*`` also crosses dots). A pattern
+that names a container patches every supported layer inside it (``nn.Conv2d``,
+``nn.Linear``) except final classifiers (``conv_seg``, ``fc_cls``, ``retina_cls``, …); a
+pattern that names a single layer patches that layer.
+"""
+
+import inspect
+import re
+from collections.abc import Mapping, Sequence
+
+from torch import nn
+
+from ..registry import DELTA_BRANCHES
+
+DEFAULT_NAME = "default"
+DEFAULT_BRANCH = {"type": "LowRankDelta"}
+#: top-level children patched by default, when the model has them
+DEFAULT_TARGET_ROOTS = ("backbone", "neck", "decode_head")
+ALLOWED_KEYS = ("name", "targets", "exclude", "branch", "trainable")
+_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+
+
+class DeltaPatchConfigError(ValueError):
+    """A ``delta_patch`` config that cannot be applied to the given model."""
+
+
+def _pattern_list(key: str, value) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, Sequence) or not all(isinstance(v, str) and v for v in value):
+        raise DeltaPatchConfigError(
+            f"delta_patch.{key} must be a list of module-path patterns (strings), got {value!r}"
+        )
+    return list(value)
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    children = dict(model.named_children())
+    targets = [name for name in DEFAULT_TARGET_ROOTS if name in children]
+    if not targets:
+        raise DeltaPatchConfigError(
+            "delta_patch.targets is not set and the model has none of the default target "
+            f"modules {list(DEFAULT_TARGET_ROOTS)}; its top-level modules are "
+            f"{sorted(children)}. Set delta_patch.targets to the modules to patch."
+        )
+    return targets
+
+
+def resolve_branch(branch) -> dict:
+    """``branch`` with ``type`` and every constructor default filled in."""
+    if branch is None:
+        branch = {}
+    if not isinstance(branch, Mapping):
+        raise DeltaPatchConfigError(f"delta_patch.branch must be a dict, got {branch!r}")
+    branch = {**DEFAULT_BRANCH, **dict(branch)}
+    cls = DELTA_BRANCHES.get(branch["type"]) if isinstance(branch["type"], str) else None
+    if cls is None:
+        raise DeltaPatchConfigError(
+            f"delta_patch.branch.type {branch['type']!r} is not a registered Δ branch type; "
+            f"registered types: {sorted(DELTA_BRANCHES.module_dict)}"
+        )
+    params = list(inspect.signature(cls.__init__).parameters.values())[2:]  # self, layer
+    options = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    unknown = sorted(set(branch) - {"type"} - set(options))
+    if unknown:
+        raise DeltaPatchConfigError(
+            f"delta_patch.branch has unknown option(s) {unknown} for type {branch['type']!r}; "
+            f"its options are {sorted(options)}"
+        )
+    return {"type": branch["type"], **options, **{k: v for k, v in branch.items() if k != "type"}}
+
+
+def resolve_config(model: nn.Module, cfg: Mapping | None) -> dict:
+    """Validates ``cfg`` against the schema and returns it as a plain dict, defaults filled."""
+    if cfg is None:
+        cfg = {}
+    if not isinstance(cfg, Mapping):
+        raise DeltaPatchConfigError(f"delta_patch must be a dict, got {type(cfg).__name__}")
+    unknown = sorted(set(cfg) - set(ALLOWED_KEYS))
+    if unknown:
+        raise DeltaPatchConfigError(
+            f"delta_patch has unknown key(s) {unknown}; allowed keys are {list(ALLOWED_KEYS)}"
+        )
+    name = cfg.get("name", DEFAULT_NAME)
+    if not isinstance(name, str) or not _NAME_RE.match(name) or name in _RESERVED_NAMES:
+        raise DeltaPatchConfigError(
+            f"delta_patch.name must start with a letter and contain only letters, digits and "
+            f"'_' (and not be one of {sorted(_RESERVED_NAMES)}), got {name!r}"
+        )
+    targets = _pattern_list("targets", cfg.get("targets"))
+    trainable = _pattern_list("trainable", cfg.get("trainable"))
+    if trainable:
+        raise DeltaPatchConfigError(
+            f"delta_patch.trainable={trainable!r}: patch-owned (retrained) modules are not "
+            "supported yet, so a patch may train only its Δ branches; leave `trainable` empty"
+        )
+    return {
+        "name": name,
+        "targets": targets or default_targets(model),
+        "exclude": _pattern_list("exclude", cfg.get("exclude")),
+        "branch": resolve_branch(cfg.get("branch")),
+        "trainable": trainable,
+    }
+
+
+def _reserved_names() -> frozenset[str]:
+    from .slot import DeltaSlot
+
+    return frozenset(n for n in dir(DeltaSlot()) if _NAME_RE.match(n))
+
+
+_RESERVED_NAMES = _reserved_names()

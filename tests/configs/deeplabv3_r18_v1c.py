@@ -1,0 +1,10 @@
+# DeepLabV3 on ResNetV1c-18 (deep stem, dilated), BN instead of SyncBN for the CPU.
+_base_ = "mmseg::deeplabv3/deeplabv3_r18-d8_4xb2-80k_cityscapes-512x1024.py"
+norm_cfg = dict(type="BN", requires_grad=True)
+model = dict(
+    data_preprocessor=dict(size=(64, 64)),
+    pretrained=None,
+    backbone=dict(norm_cfg=norm_cfg, init_cfg=None),
+    decode_head=dict(norm_cfg=norm_cfg, channels=32),
+    auxiliary_head=dict(norm_cfg=norm_cfg, channels=16),
+)

@@ -1,0 +1,126 @@
+"""Real OpenMMLab models for the tests, built offline from the installed configs.
+
+Each entry of ``MODELS`` is a config in ``tests/configs`` whose ``_base_`` is an upstream
+``mmdet::`` / ``mmseg::`` / ``mmpretrain::`` config, shrunk where noted and with
+``init_cfg=None`` (nothing is downloaded). ``make_batch`` returns a raw (not yet
+preprocessed) batch in the format each library's data pipeline produces.
+"""
+
+from pathlib import Path
+
+import torch
+from mmengine.config import Config
+from mmengine.registry import DefaultScope
+
+CONFIGS = Path(__file__).parent / "configs"
+#: test model -> the OpenMMLab package whose registry builds it
+MODELS = {
+    "faster_rcnn_r50_fpn": "mmdet",
+    "retinanet_r18_fpn": "mmdet",
+    "mask_rcnn_r18_fpn": "mmdet",
+    "deeplabv3_r18_v1c": "mmseg",
+    "upernet_r18": "mmseg",
+    "upernet_convnext": "mmseg",
+    "convnext_classifier": "mmpretrain",
+}
+
+
+def _registry(scope: str):
+    if scope == "mmdet":
+        from mmdet.registry import MODELS
+        from mmdet.utils import register_all_modules
+    elif scope == "mmseg":
+        from mmseg.registry import MODELS
+        from mmseg.utils import register_all_modules
+    else:
+        from mmpretrain.registry import MODELS
+        from mmpretrain.utils import register_all_modules
+    register_all_modules(init_default_scope=False)
+    return MODELS
+
+
+def load_cfg(name: str) -> Config:
+    return Config.fromfile(str(CONFIGS / f"{name}.py"))
+
+
+def build_model(name: str, seed: int = 0) -> torch.nn.Module:
+    """The model of test config ``name``, randomly initialised with ``seed``, in eval mode."""
+    scope = MODELS[name]
+    registry = _registry(scope)
+    torch.manual_seed(seed)
+    with DefaultScope.overwrite_default_scope(scope):
+        model = registry.build(load_cfg(name).model)
+    return model.eval()
+
+
+def build_pair(name: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Two independently built copies of a model holding the same (random) weights."""
+    model = build_model(name, seed=0)
+    base = build_model(name, seed=1)
+    base.load_state_dict(model.state_dict())
+    return model, base
+
+
+def make_batch(name: str, seed: int = 0, size: int = 64) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    scope = MODELS[name]
+    if scope == "mmdet":
+        from mmdet.testing import demo_mm_inputs
+
+        torch.manual_seed(seed)
+        return demo_mm_inputs(
+            batch_size=2,
+            image_shapes=[(3, size + 32, size + 32)] * 2,
+            num_items=[3, 2],
+            num_classes=80,
+            with_mask="mask" in name,
+        )
+    images = [
+        torch.randint(0, 256, (3, size, size), generator=gen, dtype=torch.uint8) for _ in range(2)
+    ]
+    if scope == "mmseg":
+        from mmengine.structures import PixelData
+        from mmseg.structures import SegDataSample
+
+        num_classes = load_cfg(name).model.decode_head.num_classes
+        samples = []
+        for _ in images:
+            sample = SegDataSample(
+                metainfo=dict(
+                    img_shape=(size, size), ori_shape=(size, size), pad_shape=(size, size)
+                )
+            )
+            label = torch.randint(0, num_classes, (1, size, size), generator=gen)
+            sample.gt_sem_seg = PixelData(data=label)
+            samples.append(sample)
+        return dict(inputs=images, data_samples=samples)
+    from mmpretrain.structures import DataSample
+
+    samples = [
+        DataSample().set_gt_label(int(torch.randint(0, 10, (1,), generator=gen))) for _ in images
+    ]
+    return dict(inputs=images, data_samples=samples)
+
+
+def flat_tensors(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for item in out for t in flat_tensors(item)]
+    return []
+
+
+@torch.no_grad()
+def tensor_outputs(model: torch.nn.Module, batch: dict) -> list[torch.Tensor]:
+    """All tensors of ``model(..., mode='tensor')`` on ``batch`` (eval mode), flattened."""
+    model.eval()
+    data = model.data_preprocessor(batch, False)
+    outputs = flat_tensors(model(**data, mode="tensor"))
+    assert outputs and all(t.numel() > 0 for t in outputs), "mode='tensor' returned nothing"
+    return outputs
+
+
+def outputs_equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b))
