@@ -123,4 +123,6 @@ def tensor_outputs(model: torch.nn.Module, batch: dict) -> list[torch.Tensor]:
 
 
 def outputs_equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
-    return len(a) == len(b) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b))
+    return len(a) == len(b) and all(
+        x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b, strict=True)
+    )

@@ -70,7 +70,7 @@ def test_forms_and_ranks():
     assert LowRankDelta(nn.Conv2d(256, 256, 3), rank=8).rank == 8
     with pytest.raises(LayerTooSmall):
         LowRankDelta(nn.Conv2d(8, 8, 1, groups=8))  # a 1x1 depthwise conv is a per-channel scale
-    with pytest.raises(TypeError, match="nn.Conv2d and nn.Linear"):
+    with pytest.raises(TypeError, match=r"nn\.Conv2d and nn\.Linear"):
         LowRankDelta(nn.BatchNorm2d(4))
 
 
