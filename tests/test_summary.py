@@ -66,10 +66,10 @@ def test_convnext_delta_names_work_with_layer_decay_optimizer():
     assert "backbone.stages.2.1.pointwise_conv1.delta.default.up" in names
 
     constructor = LearningRateDecayOptimizerConstructor(
-        dict(type="AdamW", lr=1e-3, weight_decay=0.05),
+        dict(type="OptimWrapper", optimizer=dict(type="AdamW", lr=1e-3, weight_decay=0.05)),
         dict(num_layers=6, decay_rate=0.9, decay_type="stage_wise"),
     )
-    optimizer = constructor(model)
+    optimizer = constructor(model).optimizer
     grouped = {id(p) for g in optimizer.param_groups for p in g["params"]}
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert grouped == {id(p) for p in trainable}
