@@ -61,7 +61,10 @@ def test_convnext_delta_names_work_with_layer_decay_optimizer():
     summary = apply_delta_patch(model, {})
     forms = {layer.form for layer in summary.layers}
     assert forms == {"conv", "depthwise", "linear"}
-    assert "backbone.stages.2" in summary.stages()
+    stages = list(summary.stages())
+    assert stages[:8] == [
+        f"backbone.{part}.{i}" for part in ("downsample_layers", "stages") for i in range(4)
+    ]
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert "backbone.stages.2.1.pointwise_conv1.delta.default.up" in names
 

@@ -9,7 +9,10 @@ Everything runs offline on the CPU in well under a minute.
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
+
+warnings.filterwarnings("ignore", message="pkg_resources is deprecated")  # mmengine 0.10.7
 
 import torch
 from mmengine.config import Config
@@ -126,7 +129,7 @@ def main(argv=None) -> int:
     model.train()
     for step in range(args.steps):
         losses = model.train_step(shapes_batch(seed=step, num_classes=num_classes), optim)
-        total = sum(float(v) for k, v in losses.items() if "loss" in k)
+        total = sum(float(v.detach()) for k, v in losses.items() if "loss" in k)
         if step % 5 == 0 or step == args.steps - 1:
             print(f"step {step + 1:3d}/{args.steps}  loss {total:.4f}")
 

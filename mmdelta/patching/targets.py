@@ -125,20 +125,28 @@ def resolve_targets(model: nn.Module, targets: list[str], exclude: list[str]) ->
     return result
 
 
+def _is_plain_container(module: nn.Module) -> bool:
+    """A ``ModuleList``/``Sequential`` (or subclass) that adds no forward logic of its own."""
+    return isinstance(module, (nn.ModuleList, nn.Sequential)) and type(module).forward in (
+        nn.Module.forward,
+        nn.Sequential.forward,
+    )
+
+
 def stage_of(model: nn.Module, path: str) -> str:
     """The stage a layer belongs to, for reporting: ``backbone.layer2``, ``backbone.stages.1``,
     ``neck.lateral_convs``, ``decode_head.psp_modules``, …
 
     It is the top-level module plus its child on the path, one level deeper when that child
-    is a plain ``ModuleList``/``Sequential`` of containers (ConvNeXt's ``stages``).
+    is a plain list of plain lists (ConvNeXt's ``stages`` and ``downsample_layers``).
     """
     parts = path.split(".")
     depth = min(2, len(parts))
     module = model.get_submodule(".".join(parts[:depth]))
     if (
-        type(module) in (nn.ModuleList, nn.Sequential)
-        and len(parts) > depth + 1
-        and all(isinstance(c, (nn.ModuleList, nn.Sequential)) for c in module.children())
+        len(parts) > depth + 1
+        and _is_plain_container(module)
+        and all(_is_plain_container(child) for child in module.children())
     ):
         depth += 1
     return ".".join(parts[:depth])
