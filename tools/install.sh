@@ -35,11 +35,13 @@ if [[ ! -x "$PY" ]]; then
   log "creating $VENV"
   python3.11 -m venv "$VENV" 2>/dev/null || python3 -m venv "$VENV"
 fi
+# --no-compile: byte-compiling torch's thousands of modules at install time doubles the
+# install (Python compiles what is imported, once, on first use instead).
 PIP=("$PY" -m pip --disable-pip-version-check)
-"${PIP[@]}" install -q "setuptools<81" wheel ninja
+INSTALL=("${PIP[@]}" install -q --no-compile)
 
 log "installing torch, torchvision and the pinned stack"
-"${PIP[@]}" install -q -r "$ROOT/requirements.txt"
+"${INSTALL[@]}" "setuptools<81" wheel ninja -r "$ROOT/requirements.txt"
 
 # ---- mmcv with compiled ops, from our torch-keyed wheel cache -------------------------
 if "$PY" -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null \
@@ -76,14 +78,14 @@ if ! have_mmcv_ops; then
     mv "$WHEEL_DIR/.tmp-$(basename "$whl")" "$WHEEL_DIR/$(basename "$whl")"
   fi
   log "installing mmcv from $WHEEL_DIR"
-  "${PIP[@]}" install -q --no-deps --force-reinstall "$WHEEL_DIR"/mmcv-*.whl
+  "${INSTALL[@]}" --no-deps --force-reinstall "$WHEEL_DIR"/mmcv-*.whl
   # mmcv's own runtime requirements (its wheel was installed without deps)
-  "${PIP[@]}" install -q addict numpy packaging Pillow pyyaml yapf opencv-python
+  "${INSTALL[@]}" addict numpy packaging Pillow pyyaml yapf opencv-python
   have_mmcv_ops || { log "mmcv ops failed to import after install"; exit 1; }
 fi
 
 log "installing mmdelta (editable)"
-"${PIP[@]}" install -q --no-deps --no-build-isolation -e "$ROOT"
+"${INSTALL[@]}" --no-deps --no-build-isolation -e "$ROOT"
 "$PY" -c "import mmcv.ops, mmdet, mmseg, mmpretrain, mmdelta"
 echo "$REQ_HASH" > "$STAMP"
 log "done in $(( $(date +%s) - start )) s"
