@@ -44,29 +44,31 @@ log "installing torch, torchvision and the pinned stack"
 "${INSTALL[@]}" "setuptools<81" wheel ninja -r "$ROOT/requirements.txt"
 
 # ---- mmcv with compiled ops, from our torch-keyed wheel cache -------------------------
-if "$PY" -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null \
-   && command -v nvcc >/dev/null 2>&1; then
+# one interpreter start (importing torch the first time is slow): torch version, ABI, CUDA
+read -r TORCH_VER ABI HAS_CUDA < <("$PY" -c 'import sys, torch
+print(torch.__version__.replace("+", "_"), f"cp{sys.version_info[0]}{sys.version_info[1]}",
+      int(torch.cuda.is_available()))')
+[[ -n "${HAS_CUDA:-}" ]] || { log "torch failed to import in $VENV"; exit 1; }
+if [[ "$HAS_CUDA" == 1 ]] && command -v nvcc >/dev/null 2>&1; then
   FORCE_CUDA="${FORCE_CUDA:-1}"
 else
   FORCE_CUDA="${FORCE_CUDA:-0}"
 fi
 OPS=$([[ "$FORCE_CUDA" == 1 ]] && echo cuda || echo cpu)
-TORCH_VER="$("$PY" -c 'import torch; print(torch.__version__.replace("+", "_"))')"
-ABI="$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')"
+KEY="mmcv-$MMCV_VERSION-torch$TORCH_VER-$ABI-$OPS"
 CACHE_ROOT="${MMDELTA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mmdelta}"
-WHEEL_DIR="$CACHE_ROOT/mmcv/mmcv-$MMCV_VERSION-torch$TORCH_VER-$ABI-$OPS"
+WHEEL_DIR="$CACHE_ROOT/mmcv/$KEY"
+MMCV_MARK="$VENV/.mmcv-key"  # which cached build this venv holds
 
-have_mmcv_ops() { "$PY" -c "import mmcv, mmcv.ops, torch; assert mmcv.__version__ == '$MMCV_VERSION'; mmcv.ops.nms(torch.rand(3,4)*0+torch.tensor([0,0,1,1.]), torch.rand(3), 0.5)" 2>/dev/null; }
-
-if ! have_mmcv_ops; then
+if [[ "$(cat "$MMCV_MARK" 2>/dev/null)" != "$KEY" ]]; then
   if ! ls "$WHEEL_DIR"/mmcv-*.whl >/dev/null 2>&1; then
-    log "building mmcv $MMCV_VERSION with $OPS ops against torch $TORCH_VER ($ABI); ~12 min on 2 cores"
+    log "building mmcv $MMCV_VERSION with $OPS ops against torch $TORCH_VER ($ABI); 12-30 min on 2 cores"
     BUILD="$(mktemp -d)"
     trap 'rm -rf "$BUILD"' EXIT
     "${PIP[@]}" download -q --no-deps --no-build-isolation --no-binary :all: "mmcv==$MMCV_VERSION" -d "$BUILD"
     tar -xzf "$BUILD"/mmcv-"$MMCV_VERSION".tar.gz -C "$BUILD"
     SRC="$BUILD/mmcv-$MMCV_VERSION"
-    sed -i 's/-std=c++17/-std=c++20/g' "$SRC/setup.py"
+    sed -i 's/-std=c++17/-std=c++20/g' "$SRC/setup.py"  # cxx and nvcc flags alike
     grep -q -- '-std=c++20' "$SRC/setup.py" || { log "could not patch mmcv setup.py for C++20"; exit 1; }
     mkdir -p "$BUILD/out"
     (cd "$SRC" && MMCV_WITH_OPS=1 FORCE_CUDA="$FORCE_CUDA" MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
@@ -78,14 +80,17 @@ if ! have_mmcv_ops; then
     mv "$WHEEL_DIR/.tmp-$(basename "$whl")" "$WHEEL_DIR/$(basename "$whl")"
   fi
   log "installing mmcv from $WHEEL_DIR"
+  # the wheel goes in without deps (they would re-resolve torch); its runtime deps explicitly
   "${INSTALL[@]}" --no-deps --force-reinstall "$WHEEL_DIR"/mmcv-*.whl
-  # mmcv's own runtime requirements (its wheel was installed without deps)
   "${INSTALL[@]}" addict numpy packaging Pillow pyyaml yapf opencv-python
-  have_mmcv_ops || { log "mmcv ops failed to import after install"; exit 1; }
+  echo "$KEY" > "$MMCV_MARK"
 fi
 
 log "installing mmdelta (editable)"
 "${INSTALL[@]}" --no-deps --no-build-isolation -e "$ROOT"
-"$PY" -c "import mmcv.ops, mmdet, mmseg, mmpretrain, mmdelta"
+# the check that matters: mmcv's compiled ops run against this torch, everything imports
+"$PY" -c "import torch, mmcv.ops, mmdet, mmseg, mmpretrain, mmdelta
+mmcv.ops.nms(torch.tensor([[0., 0., 1., 1.]]), torch.tensor([1.]), 0.5)" \
+  || { log "mmcv ops or the stack failed to import; remove $MMCV_MARK (and $WHEEL_DIR if the build is bad) and rerun"; exit 1; }
 echo "$REQ_HASH" > "$STAMP"
 log "done in $(( $(date +%s) - start )) s"
