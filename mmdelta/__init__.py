@@ -10,6 +10,7 @@ from .patching import (
     PatchSummary,
     active_patch,
     apply_delta_patch,
+    base_state_dict,
     delta_disabled,
     get_delta_patch_cfg,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "__version__",
     "active_patch",
     "apply_delta_patch",
+    "base_state_dict",
     "delta_disabled",
     "get_delta_patch_cfg",
 ]

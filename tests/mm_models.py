@@ -39,6 +39,12 @@ def _registry(scope: str):
     return MODELS
 
 
+def register_scopes() -> None:
+    """Registers mmdet, mmseg and mmpretrain modules (for ``scope.Type`` names)."""
+    for scope in ("mmdet", "mmseg", "mmpretrain"):
+        _registry(scope)
+
+
 def load_cfg(name: str) -> Config:
     return Config.fromfile(str(CONFIGS / f"{name}.py"))
 

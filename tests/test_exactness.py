@@ -2,13 +2,22 @@
 model is the base model bit for bit — right after patching, with non-zero Δ weights, and
 after real training steps (BatchNorm statistics included)."""
 
+import copy
+
 import pytest
 import torch
-from mm_models import MODELS, build_pair, make_batch, outputs_equal, tensor_outputs
+from mm_models import (
+    MODELS,
+    build_pair,
+    make_batch,
+    outputs_equal,
+    register_scopes,
+    tensor_outputs,
+)
 from mmengine.optim import OptimWrapper
 
-from mmdelta import apply_delta_patch, delta_disabled
-from mmdelta.patching.slot import iter_slots, slot_prefixes
+from mmdelta import apply_delta_patch, base_state_dict, delta_disabled
+from mmdelta.patching.slot import iter_slots
 
 
 def delta_params(model):
@@ -21,8 +30,7 @@ def delta_params(model):
 
 
 def base_state(model):
-    prefixes = slot_prefixes(model)
-    return {k: v.clone() for k, v in model.state_dict().items() if not k.startswith(prefixes)}
+    return {k: v.clone() for k, v in base_state_dict(model).items()}
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -90,3 +98,57 @@ def test_training_steps_touch_only_delta(name):
     with delta_disabled(model):
         assert outputs_equal(tensor_outputs(model, batch), expected)
     assert not outputs_equal(tensor_outputs(model, batch), expected)
+
+
+def test_upstream_checkpoints_load_into_patched_model_and_base_saves_as_upstream():
+    name = "retinanet_r18_fpn"
+    model, base = build_pair(name)
+    apply_delta_patch(model, {})
+    # an upstream checkpoint of the base: only the Δ keys are missing, nothing unexpected
+    result = model.load_state_dict(base.state_dict(), strict=False)
+    assert not result.unexpected_keys
+    assert set(result.missing_keys) == set(delta_params(model))
+    # the base part of a patched model is a plain upstream checkpoint
+    fresh = build_pair(name)[1]
+    fresh.load_state_dict(base_state_dict(model), strict=True)
+    batch = make_batch(name)
+    assert outputs_equal(tensor_outputs(fresh, batch), tensor_outputs(base, batch))
+
+
+@pytest.mark.parametrize(
+    "backbone",
+    [
+        dict(type="mmdet.ResNeXt", depth=50, groups=32, base_width=4),
+        dict(type="mmdet.ResNetV1d", depth=18),
+        dict(type="mmseg.ResNetV1c", depth=18),
+        dict(type="mmdet.ResNet", depth=18, style="caffe", frozen_stages=2),
+    ],
+    ids=lambda cfg: f"{cfg['type']}-{cfg['depth']}",
+)
+def test_backbone_variants_exact_and_trainable(backbone):
+    """Grouped (ResNeXt), deep-stem (V1c/V1d) and caffe-style ResNets: one mechanism."""
+    from mmengine.registry import MODELS
+
+    register_scopes()
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.backbone = MODELS.build(backbone)
+    base = copy.deepcopy(model).eval()
+    x = torch.randn(2, 3, 64, 64)
+    summary = apply_delta_patch(model, {})
+    if "ResNeXt" in backbone["type"]:
+        assert {layer.form for layer in summary.layers} == {"conv"}
+        grouped = [layer for layer in summary.layers if layer.rank == 1]
+        assert grouped and all(layer.delta_params < layer.base_params for layer in summary.layers)
+    model.eval()
+    with torch.no_grad():
+        expected = list(base.backbone(x))
+        assert outputs_equal(list(model.backbone(x)), expected)
+    model.train()
+    deltas = delta_params(model)
+    assert all(p.requires_grad for p in deltas.values())
+    loss = sum(out.square().mean() for out in model.backbone(x))
+    loss.backward()
+    ups = [p for k, p in deltas.items() if k.endswith(".up")]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in ups)
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in base_state_dict(model).items())

@@ -19,8 +19,7 @@ from mmengine.config import Config
 from mmengine.optim import OptimWrapper
 from mmengine.registry import DefaultScope
 
-from mmdelta import apply_delta_patch, delta_disabled
-from mmdelta.patching.slot import slot_prefixes
+from mmdelta import apply_delta_patch, base_state_dict, delta_disabled
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs/demo/delta_faster-rcnn_r18_fpn_tiny.py"
@@ -117,11 +116,7 @@ def main(argv=None) -> int:
     summary = apply_delta_patch(model, cfg.delta_patch)
     print(summary)
     base_keys = set(base.state_dict())
-    before = {
-        k: v.clone()
-        for k, v in model.state_dict().items()
-        if not k.startswith(slot_prefixes(model))
-    }
+    before = {k: v.clone() for k, v in base_state_dict(model).items()}
 
     print(f"== training the patch for {args.steps} steps (SGD lr {args.lr}) on generated shapes")
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -133,7 +128,7 @@ def main(argv=None) -> int:
         if step % 5 == 0 or step == args.steps - 1:
             print(f"step {step + 1:3d}/{args.steps}  loss {total:.4f}")
 
-    after = {k: v for k, v in model.state_dict().items() if not k.startswith(slot_prefixes(model))}
+    after = base_state_dict(model)
     checks = {
         "base state dict keys are the upstream keys": set(after) == base_keys,
         "base tensors bitwise unchanged (BatchNorm buffers included)": all(

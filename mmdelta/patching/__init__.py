@@ -2,7 +2,7 @@
 
 from .apply import apply_delta_patch
 from .config import DeltaPatchConfigError
-from .state import active_patch, delta_disabled, get_delta_patch_cfg
+from .state import active_patch, base_state_dict, delta_disabled, get_delta_patch_cfg
 from .summary import PatchSummary
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "PatchSummary",
     "active_patch",
     "apply_delta_patch",
+    "base_state_dict",
     "delta_disabled",
     "get_delta_patch_cfg",
 ]

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from .slot import iter_slots
+from .slot import iter_slots, slot_prefixes
 
 
 def patch_configs(model: nn.Module) -> dict[str, dict]:
@@ -40,6 +40,12 @@ def get_delta_patch_cfg(model: nn.Module, name: str | None = None) -> dict:
     if name not in configs:
         raise KeyError(f"model carries no patch {name!r}; it has {list(configs)}")
     return configs[name]
+
+
+def base_state_dict(model: nn.Module) -> dict:
+    """``model.state_dict()`` without any Δ tensor: a plain upstream checkpoint of the base."""
+    prefixes = slot_prefixes(model)
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
 
 
 @contextmanager
