@@ -150,3 +150,13 @@ def test_works_with_mmengine_config_dicts():
     )
     assert torch.equal(model(x), before)
     assert get_delta_patch_cfg(model)["branch"] == dict(type="LowRankDelta", rank=2, alpha=4)
+
+
+def test_shared_layer_is_patched_once_and_counted_once():
+    shared = nn.Conv2d(4, 4, 3, padding=1)
+    model = nn.Module()
+    model.backbone = nn.Sequential(shared, nn.ReLU(), shared)
+    total = sum(p.numel() for p in model.parameters())
+    summary = apply_delta_patch(model, {})
+    assert [layer.path for layer in summary.layers] == ["backbone.0"]
+    assert summary.base_params == total

@@ -41,10 +41,17 @@ class TargetLayers:
 
 
 def base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """``named_modules()`` of the base model: everything except Δ slots and their contents."""
+    """``named_modules()`` of the base model: everything except Δ slots and their contents.
+
+    Like ``named_modules()``, a module shared by several parents is yielded once.
+    """
+    seen = set()
     stack = [("", model)]
     while stack:
         path, module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
         yield path, module
         children = [
             (f"{path}.{name}" if path else name, child)
