@@ -29,6 +29,8 @@ class TinyDetector(nn.Module):
 
 def assert_untouched(model, keys):
     assert set(model.state_dict()) == keys
+    assert not any(k.startswith("_mmdelta") for k in vars(model))
+    assert "train" not in vars(model)
     assert not list(iter_slots(model))
     assert all(p.requires_grad for p in model.parameters())
 
@@ -160,3 +162,12 @@ def test_shared_layer_is_patched_once_and_counted_once():
     summary = apply_delta_patch(model, {})
     assert [layer.path for layer in summary.layers] == ["backbone.0"]
     assert summary.base_params == total
+
+
+def test_layer_with_a_foreign_delta_child_is_refused_before_anything_changes():
+    model = TinyDetector()
+    model.neck[0].delta = nn.Identity()
+    keys = set(model.state_dict())
+    with pytest.raises(TypeError, match="already has a child called 'delta'"):
+        apply_delta_patch(model, {})
+    assert set(model.state_dict()) == keys and not list(iter_slots(model))

@@ -10,7 +10,7 @@ from ..registry import DELTA_BRANCHES
 from .config import DeltaPatchConfigError, resolve_config
 from .freeze import install_train_guard
 from .slot import slot_of
-from .state import patch_configs, select_patch
+from .state import patch_configs, record_patch, select_patch
 from .summary import PatchSummary, count_base_params, describe_layer
 from .targets import resolve_targets
 
@@ -53,6 +53,7 @@ def apply_delta_patch(model: nn.Module, cfg: Mapping | None = None) -> PatchSumm
 
     built, skipped = [], []
     for path, layer in placement.layers:
+        slot_of(layer)  # raises if the layer's `delta` name is taken by something else
         try:
             built.append((path, layer, branch_cls(layer, **branch_cfg)))
         except LayerTooSmall as err:
@@ -67,7 +68,7 @@ def apply_delta_patch(model: nn.Module, cfg: Mapping | None = None) -> PatchSumm
 
     for _, layer, branch in built:
         slot_of(layer, create=True)[name] = branch
-    patch_configs(model)[name] = resolved
+    record_patch(model, name, resolved)
     select_patch(model, name)
     install_train_guard(model)
 

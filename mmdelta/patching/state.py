@@ -16,7 +16,11 @@ from .slot import iter_slots, slot_prefixes
 
 def patch_configs(model: nn.Module) -> dict[str, dict]:
     """Patch name -> resolved ``delta_patch`` config, for every patch applied to ``model``."""
-    return model.__dict__.setdefault("_mmdelta_patches", {})
+    return dict(model.__dict__.get("_mmdelta_patches", {}))
+
+
+def record_patch(model: nn.Module, name: str, cfg: dict) -> None:
+    model.__dict__.setdefault("_mmdelta_patches", {})[name] = cfg
 
 
 def active_patch(model: nn.Module) -> str | None:
