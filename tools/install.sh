@@ -28,7 +28,7 @@ if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$REQ_HASH" ]] && "$PY" -c "import mmc
   exit 0  # already installed and up to date
 fi
 
-log() { echo "[install] $*" >&2; }
+log() { echo "[install +${SECONDS}s] $*" >&2; }
 start=$(date +%s)
 
 if [[ ! -x "$PY" ]]; then
@@ -88,6 +88,7 @@ fi
 
 log "installing mmdelta (editable)"
 "${INSTALL[@]}" --no-deps --no-build-isolation -e "$ROOT"
+log "checking the stack"
 # the check that matters: mmcv's compiled ops run against this torch, everything imports
 "$PY" -c "import torch, mmcv.ops, mmdet, mmseg, mmpretrain, mmdelta
 mmcv.ops.nms(torch.tensor([[0., 0., 1., 1.]]), torch.tensor([1.]), 0.5)" \
