@@ -12,6 +12,8 @@ import torch
 from mmengine.config import Config
 from mmengine.registry import DefaultScope
 
+from mmdelta import exactness
+
 CONFIGS = Path(__file__).parent / "configs"
 #: test model -> the OpenMMLab package whose registry builds it
 MODELS = {
@@ -108,27 +110,8 @@ def make_batch(name: str, seed: int = 0, size: int = 64) -> dict:
     return dict(inputs=images, data_samples=samples)
 
 
-def flat_tensors(out) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (list, tuple)):
-        return [t for item in out for t in flat_tensors(item)]
-    return []
-
-
-@torch.no_grad()
 def tensor_outputs(model: torch.nn.Module, batch: dict) -> list[torch.Tensor]:
     """All tensors of ``model(..., mode='tensor')`` on ``batch`` (eval mode), flattened."""
-    model.eval()
-    data = model.data_preprocessor(batch, False)
-    outputs = flat_tensors(model(**data, mode="tensor"))
+    outputs = exactness.tensor_outputs(model, batch)
     assert outputs and all(t.numel() > 0 for t in outputs), "mode='tensor' returned nothing"
     return outputs
-
-
-def outputs_equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
-    return len(a) == len(b) and all(
-        x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b, strict=True)
-    )

@@ -10,13 +10,13 @@ from mm_models import (
     MODELS,
     build_pair,
     make_batch,
-    outputs_equal,
     register_scopes,
     tensor_outputs,
 )
 from mmengine.optim import OptimWrapper
 
 from mmdelta import apply_delta_patch, base_state_dict, delta_disabled
+from mmdelta.exactness import identical
 from mmdelta.patching.slot import iter_slots
 
 
@@ -41,19 +41,19 @@ def test_patched_model_is_exact_until_delta_is_nonzero(name):
 
     summary = apply_delta_patch(model, {})
     assert summary.layers and summary.delta_params > 0
-    assert outputs_equal(tensor_outputs(model, batch), expected)
+    assert identical(tensor_outputs(model, batch), expected)
 
     torch.manual_seed(0)
     for key, p in delta_params(model).items():
         if key.endswith(".up"):
             torch.nn.init.normal_(p, std=0.1)
     patched = tensor_outputs(model, batch)
-    assert not outputs_equal(patched, expected), "non-zero Δ weights must change the output"
+    assert not identical(patched, expected), "non-zero Δ weights must change the output"
 
     with delta_disabled(model):
-        assert outputs_equal(tensor_outputs(model, batch), expected)
+        assert identical(tensor_outputs(model, batch), expected)
     # the patch is live again after the block
-    assert outputs_equal(tensor_outputs(model, batch), patched)
+    assert identical(tensor_outputs(model, batch), patched)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -96,8 +96,8 @@ def test_training_steps_touch_only_delta(name):
     ]
     assert not changed, f"base tensors changed by training: {changed}"
     with delta_disabled(model):
-        assert outputs_equal(tensor_outputs(model, batch), expected)
-    assert not outputs_equal(tensor_outputs(model, batch), expected)
+        assert identical(tensor_outputs(model, batch), expected)
+    assert not identical(tensor_outputs(model, batch), expected)
 
 
 def test_upstream_checkpoints_load_into_patched_model_and_base_saves_as_upstream():
@@ -112,7 +112,7 @@ def test_upstream_checkpoints_load_into_patched_model_and_base_saves_as_upstream
     fresh = build_pair(name)[1]
     fresh.load_state_dict(base_state_dict(model), strict=True)
     batch = make_batch(name)
-    assert outputs_equal(tensor_outputs(fresh, batch), tensor_outputs(base, batch))
+    assert identical(tensor_outputs(fresh, batch), tensor_outputs(base, batch))
 
 
 @pytest.mark.parametrize(
@@ -143,7 +143,7 @@ def test_backbone_variants_exact_and_trainable(backbone):
     model.eval()
     with torch.no_grad():
         expected = list(base.backbone(x))
-        assert outputs_equal(list(model.backbone(x)), expected)
+        assert identical(list(model.backbone(x)), expected)
     model.train()
     deltas = delta_params(model)
     assert all(p.requires_grad for p in deltas.values())

@@ -3,9 +3,10 @@
 import copy
 
 import torch
-from mm_models import build_model, make_batch, outputs_equal, tensor_outputs
+from mm_models import build_model, make_batch, tensor_outputs
 
 from mmdelta import apply_delta_patch, delta_disabled
+from mmdelta.exactness import identical
 from mmdelta.patching.slot import iter_slots
 
 
@@ -89,9 +90,9 @@ def test_deepcopy_keeps_hooks_on_their_own_layers():
     for _, slot in iter_slots(clone):
         for branch in slot.values():
             torch.nn.init.normal_(branch.up, std=0.1)
-    assert outputs_equal(tensor_outputs(model, batch), base_out)  # original untouched
-    assert not outputs_equal(tensor_outputs(clone, batch), base_out)
+    assert identical(tensor_outputs(model, batch), base_out)  # original untouched
+    assert not identical(tensor_outputs(clone, batch), base_out)
     with delta_disabled(clone):
-        assert outputs_equal(tensor_outputs(clone, batch), base_out)
+        assert identical(tensor_outputs(clone, batch), base_out)
     clone.train()
     assert all(p.requires_grad for _, s in iter_slots(clone) for p in s.parameters())

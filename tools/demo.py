@@ -20,6 +20,7 @@ from mmengine.optim import OptimWrapper
 from mmengine.registry import DefaultScope
 
 from mmdelta import apply_delta_patch, base_state_dict, delta_disabled
+from mmdelta.exactness import identical, tensor_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs/demo/delta_faster-rcnn_r18_fpn_tiny.py"
@@ -75,24 +76,6 @@ def build_detector(cfg: Config, seed: int) -> torch.nn.Module:
         return MODELS.build(cfg.model)
 
 
-@torch.no_grad()
-def tensor_outputs(model: torch.nn.Module, batch: dict) -> list[torch.Tensor]:
-    model.eval()
-    out = model(**model.data_preprocessor(batch, False), mode="tensor")
-    flat, stack = [], [out]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, torch.Tensor):
-            flat.append(item)
-        elif isinstance(item, (list, tuple)):
-            stack.extend(reversed(item))
-    return flat
-
-
-def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
-    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(DEFAULT_CONFIG))
@@ -138,10 +121,10 @@ def main(argv=None) -> int:
         "patch on differs from the base": False,
     }
     with delta_disabled(model):
-        checks["patch off == independently built base, bit for bit"] = same(
+        checks["patch off == independently built base, bit for bit"] = identical(
             tensor_outputs(model, probe), base_out
         )
-    checks["patch on differs from the base"] = not same(tensor_outputs(model, probe), base_out)
+    checks["patch on differs from the base"] = not identical(tensor_outputs(model, probe), base_out)
 
     print("== exactness check")
     for what, ok in checks.items():

@@ -29,7 +29,6 @@ if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$REQ_HASH" ]] && "$PY" -c "import mmc
 fi
 
 log() { echo "[install +${SECONDS}s] $*" >&2; }
-start=$(date +%s)
 
 if [[ ! -x "$PY" ]]; then
   log "creating $VENV"
@@ -94,4 +93,4 @@ log "checking the stack"
 mmcv.ops.nms(torch.tensor([[0., 0., 1., 1.]]), torch.tensor([1.]), 0.5)" \
   || { log "mmcv ops or the stack failed to import; remove $MMCV_MARK (and $WHEEL_DIR if the build is bad) and rerun"; exit 1; }
 echo "$REQ_HASH" > "$STAMP"
-log "done in $(( $(date +%s) - start )) s"
+log "done in ${SECONDS} s"
