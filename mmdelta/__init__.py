@@ -7,12 +7,20 @@ inactive the model is the base model bit for bit.
 from .branches import DeltaBranch, LowRankDelta
 from .patching import (
     DeltaPatchConfigError,
+    PatchFileError,
     PatchSummary,
     active_patch,
     apply_delta_patch,
     base_state_dict,
     delta_disabled,
     get_delta_patch_cfg,
+    load_patch,
+    merge_patch,
+    patch_classes,
+    patch_names,
+    remove_patch,
+    save_patch,
+    set_active_patch,
 )
 from .registry import DELTA_BRANCHES
 
@@ -23,6 +31,7 @@ __all__ = [
     "DeltaBranch",
     "DeltaPatchConfigError",
     "LowRankDelta",
+    "PatchFileError",
     "PatchSummary",
     "__version__",
     "active_patch",
@@ -30,4 +39,11 @@ __all__ = [
     "base_state_dict",
     "delta_disabled",
     "get_delta_patch_cfg",
+    "load_patch",
+    "merge_patch",
+    "patch_classes",
+    "patch_names",
+    "remove_patch",
+    "save_patch",
+    "set_active_patch",
 ]

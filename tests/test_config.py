@@ -46,6 +46,10 @@ def test_default_patch_and_resolved_cfg():
         exclude=[],
         branch=dict(type="LowRankDelta", rank=8, alpha=None),
         trainable=[],
+        task_norm=None,
+        classes=None,
+        base_classes=None,
+        class_map={},
     )
     assert active_patch(model) == "default"
     assert "backbone.0.delta.default.up" in model.state_dict()
@@ -55,7 +59,7 @@ def test_default_patch_and_resolved_cfg():
     "cfg, message",
     [
         (dict(target=["backbone"]), "unknown key(s) ['target']; allowed keys are"),
-        (dict(branch=dict(type="LoRA")), "registered types: ['LowRankDelta']"),
+        (dict(branch=dict(type="LoRA")), "registered types: ['"),
         (dict(branch=dict(rnk=4)), "unknown option(s) ['rnk']"),
         (dict(branch=dict(rank=0)), "`rank` must be a positive integer"),
         (dict(branch=dict(rank=2.5)), "`rank` must be a positive integer"),
@@ -65,7 +69,14 @@ def test_default_patch_and_resolved_cfg():
         (dict(exclude=["nek"]), "delta_patch.exclude pattern 'nek'"),
         (dict(targets="backbone.2"), "nothing to patch"),
         (dict(targets=[3]), "must be a list of module-path patterns"),
-        (dict(trainable=["head"]), "patch-owned (retrained) modules are not supported"),
+        (dict(trainable=["heads"]), "delta_patch.trainable pattern 'heads' matches no module"),
+        (dict(task_norm="yes"), "task_norm must be False, True ('stats') or 'affine'"),
+        (dict(classes="cat"), "delta_patch.classes must be a list of class names"),
+        (dict(classes=["cat", "cat"]), "delta_patch.classes names ['cat'] more than once"),
+        (dict(base_classes=["cat"]), "only apply with delta_patch.classes"),
+        (dict(classes=["cat"], class_map={"dog": "cat"}), "not in delta_patch.classes"),
+        (dict(classes=["cat"]), "no module of the model has an int `num_classes`"),
+        (dict(branch=None), "the patch would train nothing"),
         (dict(name="my.patch"), "delta_patch.name must start with a letter"),
         (dict(name="active"), "delta_patch.name must start with a letter"),
         ("backbone", "delta_patch must be a dict"),

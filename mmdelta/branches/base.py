@@ -1,5 +1,8 @@
 """The contract every Δ branch type fulfils."""
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -11,23 +14,71 @@ class LayerTooSmall(Exception):
     """
 
 
-class DeltaBranch(nn.Module):
-    """A trainable branch Δ computed beside one frozen layer ``f``.
+@contextmanager
+def _swapped_tensors(layer: nn.Module, tensors: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Inside the block ``layer`` (and its children) read ``tensors`` in place of the
+    parameters / buffers of the same names; the original objects are put back on exit."""
+    saved = []
+    try:
+        for name, tensor in tensors.items():
+            owner_path, _, attr = name.rpartition(".")
+            owner = layer.get_submodule(owner_path)
+            store = owner._parameters if attr in owner._parameters else owner._buffers
+            if attr not in store:
+                raise KeyError(f"{type(owner).__name__} has no parameter or buffer {attr!r}")
+            saved.append((store, attr, store[attr]))
+            store[attr] = tensor
+        yield
+    finally:
+        for store, attr, original in reversed(saved):
+            store[attr] = original
 
-    While its patch is active the patched layer returns ``f(x) + Δ(x)``; while it is
-    inactive the layer returns ``f(x)`` and Δ is not evaluated at all.
+
+def call_with_tensors(
+    layer: nn.Module,
+    tensors: dict[str, torch.Tensor],
+    args: tuple,
+    kwargs: dict,
+    training: bool | None = None,
+):
+    """``layer(*args, **kwargs)`` computed by the layer's own *class* forward with some of its
+    parameters / buffers replaced by ``tensors`` (names as in ``layer.state_dict()``) and,
+    optionally, ``layer.training`` set to ``training`` for the call.
+
+    The layer is left exactly as it was (also on error): the original parameter and buffer
+    objects are put back, never recomputed. In-place buffer updates inside the forward
+    (BatchNorm running statistics) go to the tensors passed in.
+    """
+    saved_mode = layer.training
+    if training is not None:
+        layer.training = training
+    try:
+        with _swapped_tensors(layer, tensors):
+            return type(layer).forward(layer, *args, **kwargs)
+    finally:
+        layer.training = saved_mode
+
+
+class DeltaBranch(nn.Module):
+    """What a patch adds to one frozen layer ``f`` (``f`` keeps its own parameters).
+
+    While its patch is active the patched layer's forward is :meth:`patched_forward`; while
+    it is inactive the layer runs its own class forward and the branch is not evaluated.
 
     Invariants of every branch type:
 
-    * ``forward(x)`` has exactly the shape of ``f(x)`` and is exactly zero at construction,
-      so a freshly patched model computes the base function bit for bit;
-    * the branch never reads or writes the frozen layer's parameters or buffers;
+    * at construction the patched forward computes exactly the base function (the default
+      additive form returns ``f(x) + Δ(x)`` with ``Δ ≡ 0``);
+    * the branch never writes the frozen layer's parameters or buffers;
     * parameters are plain ``nn.Parameter`` attributes (no ``nn.Conv2d``/``nn.Linear``
       children), so OpenMMLab ``init_cfg`` initialisers that select layers by class name
       (e.g. FPN's ``Xavier(layer='Conv2d')``) never re-initialise them.
+
+    Subclasses implement :meth:`forward` (``Δ(x)``, additive branches) or override
+    :meth:`patched_forward`; mergeable ones implement :meth:`merged_tensors`.
     """
 
-    #: whether :meth:`delta_weight` folds the branch into the layer's weight.
+    #: whether :meth:`merged_tensors` folds the branch into the layer's own tensors.
     mergeable = False
 
     def __init__(self, layer: nn.Module):
@@ -35,6 +86,30 @@ class DeltaBranch(nn.Module):
         # a type-name string (not the module itself) so the layer is not registered twice
         self.layer_type = type(layer).__name__
 
-    def delta_weight(self) -> torch.Tensor:
-        """ΔW with the shape of the layer's weight, for ``f(x; W + ΔW) == f(x) + Δ(x)``."""
+    @classmethod
+    def supports(cls, layer: nn.Module) -> bool:
+        """Whether this branch type can be attached to ``layer`` (used to expand targets)."""
+        return isinstance(layer, (nn.Conv2d, nn.Linear))
+
+    def patched_forward(
+        self, layer: nn.Module, base_forward: Callable, args: tuple, kwargs: dict
+    ) -> torch.Tensor:
+        """The patched layer's output. Default: ``f(x) + Δ(x)`` for the first input ``x``."""
+        output = base_forward(*args, **kwargs)
+        delta = self(args[0])
+        if delta.shape != output.shape:
+            raise RuntimeError(
+                f"Δ branch of {type(layer).__name__} produced {tuple(delta.shape)} but the "
+                f"layer produced {tuple(output.shape)}: this layer computes its output in a "
+                "non-standard way; leave it out of the patch with `exclude`."
+            )
+        return output + delta
+
+    def merged_tensors(self, layer: nn.Module) -> dict[str, torch.Tensor]:
+        """New values for some of ``layer``'s parameters/buffers (name -> tensor) such that the
+        plain layer holding them computes what the patched layer computes (up to rounding).
+        Returns new tensors; never modifies the layer."""
         raise NotImplementedError(f"{type(self).__name__} cannot be folded into its layer")
+
+    def clear_cache(self) -> None:
+        """Drops anything cached for inference (called when the active patch changes)."""

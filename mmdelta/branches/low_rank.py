@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import DELTA_BRANCHES
-from .base import DeltaBranch, LayerTooSmall
+from .base import DeltaBranch, LayerTooSmall, call_with_tensors
 
 
 @DELTA_BRANCHES.register_module()
@@ -36,6 +36,14 @@ class LowRankDelta(DeltaBranch):
     Kaiming-uniform like a fresh conv. Shapes: ``forward`` maps the layer's input
     ``(N, C_in, H, W)`` (conv) or ``(..., C_in)`` (linear) to exactly the layer's output
     shape. Mergeable: ``f(x; W + delta_weight()) == f(x) + Δ(x)`` up to rounding.
+
+    Two ways to compute the patched layer, chosen per call:
+
+    * **branch form** ``f(x; W) + Δ(x)`` whenever gradients may be needed (training mode or
+      grad enabled): only Δ's own (small) weight gradients are formed;
+    * **weight form** ``f(x; W + ΔW)`` in eval mode under ``torch.no_grad()``: the layer's own
+      kernel with a folded weight, computed once and cached until Δ or the patch selection
+      changes, so inference costs what the base costs. The base ``W`` is never modified.
 
     Args:
         layer: the frozen ``nn.Conv2d`` or ``nn.Linear`` (or a subclass that keeps their
@@ -121,6 +129,27 @@ class LowRankDelta(DeltaBranch):
             return F.conv2d(h, up, None, (1, sw), (0, pw), (1, dw), up.shape[0])
         h = F.conv2d(x, self.down, None, self.stride, (ph, pw), self.dilation, self.groups)
         return F.conv2d(h, up, None, 1, 0, 1, self.groups)
+
+    def patched_forward(self, layer, base_forward, args, kwargs):
+        if self.training or torch.is_grad_enabled():
+            return super().patched_forward(layer, base_forward, args, kwargs)
+        return call_with_tensors(layer, {"weight": self._folded_weight(layer)}, args, kwargs)
+
+    def _folded_weight(self, layer: nn.Module) -> torch.Tensor:
+        weight = layer.weight
+        key = (id(weight), weight._version, self.up._version, self.down._version, self.scale)
+        cached = self.__dict__.get("_folded")
+        if cached is None or cached[0] != key:
+            cached = (key, weight + self.delta_weight().to(weight.dtype))
+            self.__dict__["_folded"] = cached
+        return cached[1]
+
+    def clear_cache(self) -> None:
+        self.__dict__.pop("_folded", None)
+
+    def merged_tensors(self, layer: nn.Module) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return {"weight": layer.weight + self.delta_weight().to(layer.weight.dtype)}
 
     def delta_weight(self) -> torch.Tensor:
         if self.form == "linear":

@@ -1,16 +1,39 @@
-"""Placing, switching and freezing Δ patches on OpenMMLab models."""
+"""Placing, switching, saving and merging Δ patches on OpenMMLab models."""
 
-from .apply import apply_delta_patch
+from .apply import BuiltPatch, apply_delta_patch, attach_patch, build_patch
 from .config import DeltaPatchConfigError
-from .state import active_patch, base_state_dict, delta_disabled, get_delta_patch_cfg
+from .files import PatchFileError, load_patch, read_patch_file, save_patch
+from .merge import merge_patch
+from .state import (
+    active_patch,
+    base_state_dict,
+    delta_disabled,
+    get_delta_patch_cfg,
+    patch_classes,
+    patch_names,
+    remove_patch,
+    set_active_patch,
+)
 from .summary import PatchSummary
 
 __all__ = [
+    "BuiltPatch",
     "DeltaPatchConfigError",
+    "PatchFileError",
     "PatchSummary",
     "active_patch",
     "apply_delta_patch",
+    "attach_patch",
     "base_state_dict",
+    "build_patch",
     "delta_disabled",
     "get_delta_patch_cfg",
+    "load_patch",
+    "merge_patch",
+    "patch_classes",
+    "patch_names",
+    "read_patch_file",
+    "remove_patch",
+    "save_patch",
+    "set_active_patch",
 ]

@@ -1,45 +1,51 @@
-"""``apply_delta_patch``: patch a model in place with zero-initialised Δ branches."""
+"""``apply_delta_patch``: patch a model in place; ``build_patch`` / ``attach_patch`` below it."""
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from mmengine.logging import print_log
 from torch import nn
 
 from ..branches import LayerTooSmall
+from ..branches.owned import PatchOwned
 from ..registry import DELTA_BRANCHES
+from .classes import ClassChange, default_head_layers, plan_class_change
 from .config import DeltaPatchConfigError, resolve_config
 from .freeze import install_train_guard
 from .slot import slot_of
-from .state import patch_configs, record_patch, select_patch
+from .state import patch_configs, record_patch, set_active_patch
 from .summary import PatchSummary, count_base_params, describe_layer
-from .targets import resolve_targets
+from .targets import norm_layers, resolve_owned, resolve_targets
 
 
-def apply_delta_patch(model: nn.Module, cfg: Mapping | None = None) -> PatchSummary:
-    """Adds the Δ branches described by ``cfg`` to ``model``, in place, and selects them.
+@dataclass
+class BuiltPatch:
+    """Everything a patch adds to a model, built but not yet attached."""
 
-    ``cfg`` is what a config's ``delta_patch`` key holds (schema:
-    :mod:`mmdelta.patching.config`); ``{}`` or ``None`` applies the default patch (rank-8
-    :class:`~mmdelta.branches.LowRankDelta` on the backbone, the neck and the decode head
-    except its classifier). Afterwards:
+    name: str
+    cfg: dict
+    #: (layer path, layer, branch): Δ branches, patch-owned layers and task norms
+    branches: list[tuple[str, nn.Module, nn.Module]] = field(default_factory=list)
+    classes: ClassChange | None = None
+    summary: PatchSummary | None = None
 
-    * the model computes exactly what it computed before (every branch outputs zero);
-    * only the new patch's Δ parameters require grad, and base running statistics never
-      change, across ``model.train()`` and training steps (:mod:`mmdelta.patching.freeze`);
-    * every base state-dict key keeps its name and value; Δ parameters are added as
-      ``<layer>.delta.<name>.<param>``;
-    * the resolved config is kept on the model (:func:`mmdelta.get_delta_patch_cfg`).
+    def keys(self) -> dict[str, tuple]:
+        """``"<layer>:<tensor>"`` -> shape of every tensor the patch holds (its file keys)."""
+        return {
+            f"{path}:{key}": tuple(t.shape)
+            for path, _, branch in self.branches
+            for key, t in branch.state_dict().items()
+        }
 
-    Nothing is changed when an error is raised (all branches are built before any is
-    attached).
 
-    Returns:
-        PatchSummary: patched layers per stage, Δ parameters, Δ fraction, patch fraction.
+def build_patch(model: nn.Module, cfg: Mapping | None, name: str | None = None) -> BuiltPatch:
+    """Validates ``cfg`` and builds the patch's branches without touching ``model``.
 
-    Raises:
-        DeltaPatchConfigError: unknown keys, bad values, a pattern that matches nothing, a
-            model with nothing to patch, or a patch name the model already carries.
+    ``name`` overrides ``cfg['name']``. Raises :class:`DeltaPatchConfigError` for every
+    problem the config has with this model.
     """
+    if name is not None and isinstance(cfg, Mapping | None):
+        cfg = {**(cfg or {}), "name": name}
     resolved = resolve_config(model, cfg)
     name = resolved["name"]
     if name in patch_configs(model):
@@ -47,38 +53,132 @@ def apply_delta_patch(model: nn.Module, cfg: Mapping | None = None) -> PatchSumm
             f"the model already carries a patch named {name!r}; give the new one another "
             f"delta_patch.name (it carries {list(patch_configs(model))})"
         )
-    placement = resolve_targets(model, resolved["targets"], resolved["exclude"])
-    branch_cfg = dict(resolved["branch"])
-    branch_cls = DELTA_BRANCHES.get(branch_cfg.pop("type"))
+    built = BuiltPatch(name=name, cfg=resolved)
 
-    built, skipped = [], []
-    for path, layer in placement.layers:
-        slot_of(layer)  # raises if the layer's `delta` name is taken by something else
-        try:
-            built.append((path, layer, branch_cls(layer, **branch_cfg)))
-        except LayerTooSmall as err:
-            skipped.append((path, str(err)))
-        except (TypeError, ValueError) as err:
-            raise DeltaPatchConfigError(f"delta_patch.branch={resolved['branch']}: {err}") from err
-    if not built:
-        raise DeltaPatchConfigError(
-            f"delta_patch: every targeted layer is too small for {resolved['branch']}: "
-            f"{[path for path, _ in skipped]}"
+    # 1. patch-owned modules (a new class set implies its heads' final layers)
+    trainable = list(resolved["trainable"])
+    if resolved["classes"] is not None:
+        built.classes = plan_class_change(
+            model, resolved["classes"], resolved["base_classes"], resolved["class_map"]
         )
+        trainable = trainable or default_head_layers(model, built.classes)
+    owned = resolve_owned(model, trainable) if trainable else []
+    owned_paths = {path for path, _ in owned}
+    if built.classes is not None:
+        missing = sorted(set(built.classes.rows) - owned_paths)
+        if missing:
+            raise DeltaPatchConfigError(
+                f"delta_patch.classes changes the output size of {missing}, so the patch must "
+                f"own them: add them to delta_patch.trainable (it is {resolved['trainable']})"
+            )
+    rows = built.classes.rows if built.classes is not None else {}
+    for path, layer in owned:
+        built.branches.append((path, layer, PatchOwned(layer, rows=rows.get(path))))
 
-    for _, layer, branch in built:
-        slot_of(layer, create=True)[name] = branch
-    record_patch(model, name, resolved)
-    select_patch(model, name)
-    install_train_guard(model)
+    # 2. task-specific normalisation
+    if resolved["task_norm"] is not None:
+        norms = norm_layers(model, resolved["targets"], resolved["exclude"], owned_paths)
+        if not norms:
+            raise DeltaPatchConfigError(
+                f"delta_patch.task_norm is set but targets {resolved['targets']} (exclude "
+                f"{resolved['exclude']}) contain no normalisation layer"
+            )
+        update = resolved["task_norm"] == "stats"
+        for path, layer in norms:
+            built.branches.append((path, layer, PatchOwned(layer, update_stats=update)))
 
-    summary = PatchSummary(
+    # 3. Δ branches
+    skipped, unsupported, delta_layers = [], [], []
+    if resolved["branch"] is not None:
+        branch_cfg = dict(resolved["branch"])
+        branch_cls = DELTA_BRANCHES.get(branch_cfg.pop("type"))
+        reserved = owned_paths | {p for p, _, _ in built.branches}
+        placement = resolve_targets(
+            model, resolved["targets"], resolved["exclude"], branch_cls.supports, reserved
+        )
+        unsupported = placement.unsupported
+        for path, layer in placement.layers:
+            try:
+                branch = branch_cls(layer, **branch_cfg)
+            except LayerTooSmall as err:
+                skipped.append((path, str(err)))
+                continue
+            except (TypeError, ValueError) as err:
+                raise DeltaPatchConfigError(
+                    f"delta_patch.branch={resolved['branch']} on {path}: {err}"
+                ) from err
+            delta_layers.append((path, layer, branch))
+        if not delta_layers:
+            raise DeltaPatchConfigError(
+                f"delta_patch: nothing to patch: targets {resolved['targets']} (exclude "
+                f"{resolved['exclude']}) contain no layer {resolved['branch']['type']} supports"
+                + (f" large enough (skipped: {[p for p, _ in skipped]})" if skipped else "")
+            )
+    built.branches.extend(delta_layers)
+    if not built.branches:
+        raise DeltaPatchConfigError(
+            "delta_patch: branch=None and nothing owned: the patch would train nothing; set "
+            "delta_patch.branch, trainable, classes or task_norm"
+        )
+    for _, layer, _ in built.branches:
+        slot_of(layer)  # raises if the layer cannot carry a slot
+
+    built.summary = PatchSummary(
         name=name,
         branch=resolved["branch"],
-        layers=[describe_layer(model, path, layer, branch) for path, layer, branch in built],
+        layers=[describe_layer(model, p, layer, b) for p, layer, b in delta_layers],
+        owned=[
+            describe_layer(model, p, layer, b)
+            for p, layer, b in built.branches
+            if isinstance(b, PatchOwned)
+        ],
         base_params=count_base_params(model),
         skipped=skipped,
-        unsupported=placement.unsupported,
+        unsupported=unsupported,
+        classes=resolved["classes"],
     )
-    print_log(summary.line(), logger="current")
-    return summary
+    return built
+
+
+def attach_patch(model: nn.Module, built: BuiltPatch, select: bool = True) -> None:
+    """Attaches a built patch (cannot fail for a patch built on this model)."""
+    for _, layer, branch in built.branches:
+        slot_of(layer, create=True)[built.name] = branch
+    record_patch(
+        model, built.name, built.cfg, built.classes.attrs if built.classes is not None else {}
+    )
+    install_train_guard(model)
+    if select:
+        set_active_patch(model, built.name)
+
+
+def apply_delta_patch(model: nn.Module, cfg: Mapping | None = None) -> PatchSummary:
+    """Adds the patch described by ``cfg`` to ``model``, in place, and makes it active.
+
+    ``cfg`` is what a config's ``delta_patch`` key holds (schema:
+    :mod:`mmdelta.patching.config`); ``{}`` or ``None`` applies the default patch (rank-8
+    :class:`~mmdelta.branches.LowRankDelta` on the backbone, the neck and the decode head
+    except its classifier). Afterwards:
+
+    * the model computes exactly what it computed before (every Δ outputs zero, owned layers
+      start as copies — except rows of a new class set that the base has no class for);
+    * only the new patch's parameters require grad, and base running statistics never
+      change, across ``model.train()`` and training steps (:mod:`mmdelta.patching.freeze`);
+    * every base state-dict key keeps its name and value; the patch's tensors are added as
+      ``<layer>.delta.<name>.<tensor>``;
+    * the resolved config is kept on the model (:func:`mmdelta.get_delta_patch_cfg`).
+
+    Nothing is changed when an error is raised (everything is built before anything is
+    attached).
+
+    Returns:
+        PatchSummary: patched layers per stage, owned layers, Δ / patch fractions.
+
+    Raises:
+        DeltaPatchConfigError: unknown keys, bad values, a pattern that matches nothing, a
+            model with nothing to patch, or a patch name the model already carries.
+    """
+    built = build_patch(model, cfg)
+    attach_patch(model, built)
+    print_log(built.summary.line(), logger="current")
+    return built.summary

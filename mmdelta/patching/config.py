@@ -7,9 +7,17 @@ Schema (what a config's top-level ``delta_patch = dict(...)`` key holds)::
         targets=None,            # module-path glob patterns to patch; None = the default:
                                  #   'backbone', 'neck' (if any), 'decode_head' (if any)
         exclude=[],              # module-path glob patterns to leave out of `targets`
-        branch=dict(type='LowRankDelta', rank=8, alpha=None),   # a DELTA_BRANCHES type
-        trainable=[],            # module paths the patch retrains (patch-owned modules);
-                                 #   must be empty until patch-owned modules are supported
+        branch=dict(type='LowRankDelta', rank=8, alpha=None),   # a DELTA_BRANCHES type;
+                                 #   None: no Δ branches (owned modules / task_norm only)
+        trainable=[],            # module-path globs the patch retrains as its own copies
+                                 #   (patch-owned); with `classes`: default = the heads'
+                                 #   final classifier/regressor layers
+        task_norm=False,         # True/'stats': the patch owns the targeted norm layers
+                                 #   (affine + running stats, updated while training);
+                                 #   'affine': owns them with the base's stats, frozen
+        classes=None,            # the patch's own class names (a new class set)
+        base_classes=None,       # the base's class names (default: model.dataset_meta)
+        class_map={},            # new class name -> base class name it starts from
     )
 
 Patterns are ``fnmatch`` globs over dotted module paths (``*`` also crosses dots). A pattern
@@ -30,7 +38,18 @@ DEFAULT_NAME = "default"
 DEFAULT_BRANCH = {"type": "LowRankDelta"}
 #: top-level children patched by default, when the model has them
 DEFAULT_TARGET_ROOTS = ("backbone", "neck", "decode_head")
-ALLOWED_KEYS = ("name", "targets", "exclude", "branch", "trainable")
+ALLOWED_KEYS = (
+    "name",
+    "targets",
+    "exclude",
+    "branch",
+    "trainable",
+    "task_norm",
+    "classes",
+    "base_classes",
+    "class_map",
+)
+TASK_NORM_MODES = {False: None, True: "stats", "stats": "stats", "affine": "affine", None: None}
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
 
@@ -104,19 +123,61 @@ def resolve_config(model: nn.Module, cfg: Mapping | None) -> dict:
             f"'_' (and not be one of {sorted(_RESERVED_NAMES)}), got {name!r}"
         )
     targets = _pattern_list("targets", cfg.get("targets"))
-    trainable = _pattern_list("trainable", cfg.get("trainable"))
-    if trainable:
+    task_norm = cfg.get("task_norm", False)
+    if not isinstance(task_norm, (bool, str, type(None))) or task_norm not in TASK_NORM_MODES:
         raise DeltaPatchConfigError(
-            f"delta_patch.trainable={trainable!r}: patch-owned (retrained) modules are not "
-            "supported yet, so a patch may train only its Δ branches; leave `trainable` empty"
+            f"delta_patch.task_norm must be False, True ('stats') or 'affine', got {task_norm!r}"
+        )
+    classes = _names("classes", cfg.get("classes"))
+    base_classes = _names("base_classes", cfg.get("base_classes"))
+    class_map = cfg.get("class_map") or {}
+    if not isinstance(class_map, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in class_map.items()
+    ):
+        raise DeltaPatchConfigError(
+            f"delta_patch.class_map must map new class names to base class names, got {class_map!r}"
+        )
+    unknown = sorted(set(class_map) - set(classes or []))
+    if classes is not None and unknown:
+        raise DeltaPatchConfigError(
+            f"delta_patch.class_map has key(s) {unknown} that are not in delta_patch.classes"
+        )
+    if classes is None and (base_classes is not None or class_map):
+        raise DeltaPatchConfigError(
+            "delta_patch.base_classes / class_map only apply with delta_patch.classes (the "
+            "patch's own class names)"
         )
     return {
         "name": name,
         "targets": targets or default_targets(model),
         "exclude": _pattern_list("exclude", cfg.get("exclude")),
-        "branch": resolve_branch(cfg.get("branch")),
-        "trainable": trainable,
+        "branch": None
+        if "branch" in cfg and cfg["branch"] is None
+        else resolve_branch(cfg.get("branch")),
+        "trainable": _pattern_list("trainable", cfg.get("trainable")),
+        "task_norm": TASK_NORM_MODES[task_norm],
+        "classes": classes,
+        "base_classes": base_classes,
+        "class_map": dict(class_map),
     }
+
+
+def _names(key: str, value) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise DeltaPatchConfigError(
+            f"delta_patch.{key} must be a list of class names, got {value!r}"
+        )
+    names = list(value)
+    if not names or not all(isinstance(v, str) and v for v in names):
+        raise DeltaPatchConfigError(
+            f"delta_patch.{key} must be a non-empty list of class names (strings), got {value!r}"
+        )
+    dupes = sorted({v for v in names if names.count(v) > 1})
+    if dupes:
+        raise DeltaPatchConfigError(f"delta_patch.{key} names {dupes} more than once")
+    return names
 
 
 def _reserved_names() -> frozenset[str]:

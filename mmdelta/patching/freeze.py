@@ -5,7 +5,8 @@ After :func:`mmdelta.apply_delta_patch` and after every ``model.train(mode)``:
 * no base parameter requires grad; exactly the selected patch's Δ parameters do;
 * every base module with running statistics (BatchNorm, SyncBN, tracked InstanceNorm) is
   in eval mode, so training never changes ``running_mean`` / ``running_var`` /
-  ``num_batches_tracked``, whatever the model's ``norm_eval`` says.
+  ``num_batches_tracked``, whatever the model's ``norm_eval`` says;
+* every patch branch is in the model's mode (a patch's own BatchNorm statistics train).
 
 OpenMMLab backbones override ``train()``: mmdet's ``ResNet.train`` calls
 ``_freeze_stages()``, which sets ``requires_grad=False`` on everything in the frozen stages
@@ -30,8 +31,14 @@ def _tracks_running_stats(module: nn.Module) -> bool:
     return buffers.get("running_mean") is not None or buffers.get("running_var") is not None
 
 
-def enforce_frozen_base(model: nn.Module) -> None:
-    """Re-asserts the invariants above on ``model`` (cheap: one pass over the modules)."""
+def enforce_frozen_base(model: nn.Module, mode: bool | None = None) -> None:
+    """Re-asserts the invariants above on ``model`` (cheap: one pass over the modules).
+
+    ``mode`` (default: ``model.training``) is the mode every patch branch is put in — also
+    where the model's own ``train()`` (``_freeze_stages``, ``norm_eval``) switched it off —
+    so a patch's own normalisation layers train when the model trains.
+    """
+    mode = model.training if mode is None else mode
     for _, module in base_modules(model):
         for param in module.parameters(recurse=False):
             param.requires_grad_(False)
@@ -39,13 +46,14 @@ def enforce_frozen_base(model: nn.Module) -> None:
             module.train(False)
     selected = active_patch(model)
     for _, slot in iter_slots(model):
+        slot.train(mode)
         for name, branch in slot.items():
             branch.requires_grad_(name == selected)
 
 
 def _train_keeping_base_frozen(self: nn.Module, mode: bool = True) -> nn.Module:
     type(self).train(self, mode)
-    enforce_frozen_base(self)
+    enforce_frozen_base(self, mode)
     return self
 
 

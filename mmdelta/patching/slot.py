@@ -1,15 +1,16 @@
 """Where Δ branches live: a :class:`DeltaSlot` inside each patched layer.
 
 A patched layer ``L`` gets one child ``L.delta`` (a :class:`DeltaSlot`) that maps patch
-names to branches, and one forward hook that adds the active branch's output. The layer
+names to branches, and an instance-level ``forward`` that runs the layer's own class forward
+when no branch is active and the active branch's patched forward otherwise. The layer
 itself (its class, parameters, buffers and state-dict keys) is untouched, so
 ``backbone.layer1.0.conv1.weight`` stays ``backbone.layer1.0.conv1.weight`` and a branch's
 parameters sit right beside it, e.g. ``backbone.layer1.0.conv1.delta.<patch>.up``.
 """
 
+import types
 from collections.abc import Iterator
 
-import torch
 from torch import nn
 
 SLOT_NAME = "delta"
@@ -30,38 +31,47 @@ class DeltaSlot(nn.ModuleDict):
         return self._modules.get(self.active) if self.active is not None else None
 
 
-def _add_active_delta(layer: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    """Forward hook: ``f(x)`` -> ``f(x) + Δ(x)`` for the active branch, else ``f(x)`` as is.
+def _dispatch_forward(layer: nn.Module, *args, **kwargs):
+    """The forward of every patched layer (installed on the instance, the class untouched).
 
-    A module-level function (not a closure) so that ``copy.deepcopy`` and pickling of a
-    patched model keep every hook pointing at its own layer's slot.
+    No active branch: exactly the layer's own class forward, nothing else is evaluated.
+    Active branch: whatever the branch computes from the layer and its inputs
+    (:meth:`~mmdelta.branches.DeltaBranch.patched_forward`). A module-level function bound
+    with ``MethodType``, so ``copy.deepcopy`` of a patched model rebinds it to the copy.
     """
+    base_forward = types.MethodType(type(layer).forward, layer)
     branch = layer._modules[SLOT_NAME].active_branch()
     if branch is None:
-        return output
-    delta = branch(args[0])
-    if delta.shape != output.shape:
-        raise RuntimeError(
-            f"Δ branch of {type(layer).__name__} produced {tuple(delta.shape)} but the layer "
-            f"produced {tuple(output.shape)}: this layer computes its output in a non-standard "
-            "way; leave it out of the patch with `exclude`."
-        )
-    return output + delta
+        return base_forward(*args, **kwargs)
+    return branch.patched_forward(layer, base_forward, args, kwargs)
 
 
 def slot_of(layer: nn.Module, create: bool = False) -> DeltaSlot | None:
-    """The layer's slot; with ``create`` one is added (and the hook registered) if absent."""
+    """The layer's slot; with ``create`` one is added (and the dispatcher installed) if absent."""
     slot = layer._modules.get(SLOT_NAME)
     if slot is not None and not isinstance(slot, DeltaSlot):
         raise TypeError(
             f"{type(layer).__name__} already has a child called {SLOT_NAME!r} that is not a "
             "DeltaSlot; mmdelta cannot patch it"
         )
-    if slot is None and create:
-        slot = DeltaSlot()
-        layer.add_module(SLOT_NAME, slot)
-        layer.register_forward_hook(_add_active_delta)
+    if slot is None:
+        forward = layer.__dict__.get("forward")
+        if forward is not None:
+            raise TypeError(
+                f"{type(layer).__name__} has an instance-level forward ({forward!r}) set by "
+                "something else; mmdelta cannot patch it"
+            )
+        if create:
+            slot = DeltaSlot()
+            layer.add_module(SLOT_NAME, slot)
+            layer.forward = types.MethodType(_dispatch_forward, layer)
     return slot
+
+
+def remove_slot(layer: nn.Module) -> None:
+    """Takes the slot and the dispatcher off ``layer``: it is a plain layer again."""
+    del layer._modules[SLOT_NAME]
+    layer.__dict__.pop("forward", None)
 
 
 def iter_slots(model: nn.Module) -> Iterator[tuple[str, DeltaSlot]]:

@@ -31,9 +31,15 @@ class PatchSummary:
     branch: dict
     layers: list[PatchedLayer]
     base_params: int  # all parameters of the base model
-    owned_params: int = 0  # parameters of patch-owned modules (none yet)
+    owned: list[PatchedLayer] = field(default_factory=list)  # patch-owned layers
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     unsupported: list[tuple[str, str]] = field(default_factory=list)  # (path, layer type)
+    classes: list[str] | None = None  # the patch's own class names, if it has them
+
+    @property
+    def owned_params(self) -> int:
+        """Parameters of the patch's own copies of layers (heads, task norms)."""
+        return sum(layer.delta_params for layer in self.owned)
 
     @property
     def delta_params(self) -> int:
@@ -63,16 +69,21 @@ class PatchSummary:
 
     def line(self) -> str:
         """One ``print_trainable_parameters``-style line."""
+        owned = (
+            f" | owned {len(self.owned)} layers, {self.owned_params:,} params" if self.owned else ""
+        )
+        classes = f" | {len(self.classes)} classes" if self.classes else ""
         return (
             f"mmdelta patch {self.name!r}: {len(self.layers)} layers | "
             f"Δ params {self.delta_params:,} | Δ fraction {100 * self.delta_fraction:.2f}% "
-            f"(of {self.targeted_params:,} in patched layers) | patch fraction "
+            f"(of {self.targeted_params:,} in patched layers){owned}{classes} | patch fraction "
             f"{100 * self.patch_fraction:.2f}% (of {self.base_params:,} base params)"
         )
 
     def to_dict(self) -> dict:
         out = asdict(self)
         out.update(
+            owned_params=self.owned_params,
             delta_params=self.delta_params,
             targeted_params=self.targeted_params,
             delta_fraction=self.delta_fraction,
@@ -89,6 +100,8 @@ class PatchSummary:
                 f"{stage:<34}{row['layers']:>7}{row['base_params']:>14,}"
                 f"{row['delta_params']:>12,}{pct:>7.2f}%"
             )
+        for layer in self.owned:
+            rows.append(f"owned {layer.path} ({layer.layer_type}): {layer.delta_params:,} params")
         for path, reason in self.skipped:
             rows.append(f"skipped {path}: {reason}")
         for path, layer_type in self.unsupported:

@@ -1,17 +1,21 @@
 """From ``targets`` / ``exclude`` glob patterns to the concrete layers a patch wraps."""
 
 import difflib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
 
 from .config import DeltaPatchConfigError
 from .slot import DeltaSlot
 
-#: layer classes (and their subclasses) a Δ branch can be attached to
+#: layer classes (and their subclasses) the low-rank Δ branch attaches to
 PATCHABLE_LAYERS = (nn.Conv2d, nn.Linear)
+#: normalisation layers a patch can own (task-specific normalisation)
+NORM_LAYERS = (_BatchNorm, _InstanceNorm, nn.LayerNorm, nn.GroupNorm)
 #: final prediction layers of OpenMMLab heads: a container pattern never expands into them
 CLASSIFIER_NAMES = frozenset(
     {
@@ -87,8 +91,31 @@ def _no_match_error(key: str, pattern: str, paths: list[str], model: nn.Module) 
     )
 
 
-def resolve_targets(model: nn.Module, targets: list[str], exclude: list[str]) -> TargetLayers:
+def _match(model: nn.Module, paths: list[str], key: str, patterns: list[str]) -> set[str]:
+    hit = set()
+    for pattern in patterns:
+        found = [p for p in paths if fnmatchcase(p, pattern)]
+        if not found:
+            raise _no_match_error(key, pattern, paths, model)
+        hit.update(found)
+    return hit
+
+
+def _under(path: str, prefixes: set[str]) -> bool:
+    return any(path == r or path.startswith(r + ".") for r in prefixes)
+
+
+def resolve_targets(
+    model: nn.Module,
+    targets: list[str],
+    exclude: list[str],
+    supports: Callable[[nn.Module], bool] = lambda m: isinstance(m, PATCHABLE_LAYERS),
+    reserved: set[str] = frozenset(),
+) -> TargetLayers:
     """Expands the patterns into the layers to patch, in model order, without duplicates.
+
+    ``supports`` says which modules the branch type attaches to; modules under a
+    ``reserved`` path (patch-owned modules) are left out.
 
     Raises:
         DeltaPatchConfigError: a pattern matches nothing, or nothing patchable remains.
@@ -96,40 +123,66 @@ def resolve_targets(model: nn.Module, targets: list[str], exclude: list[str]) ->
     modules = dict(base_modules(model))
     modules.pop("", None)
     paths = list(modules)
-
-    def matching(key: str, patterns: list[str]) -> set[str]:
-        hit = set()
-        for pattern in patterns:
-            found = [p for p in paths if fnmatchcase(p, pattern)]
-            if not found:
-                raise _no_match_error(key, pattern, paths, model)
-            hit.update(found)
-        return hit
-
-    roots = matching("targets", targets)
-    excluded_roots = matching("exclude", exclude)
-
-    def under(path: str, prefixes: set[str]) -> bool:
-        return any(path == r or path.startswith(r + ".") for r in prefixes)
+    roots = _match(model, paths, "targets", targets)
+    excluded_roots = _match(model, paths, "exclude", exclude) | set(reserved)
 
     result = TargetLayers()
+    taken: set[str] = set()
     for path, module in modules.items():
-        if not under(path, roots) or under(path, excluded_roots):
+        if not _under(path, roots) or _under(path, excluded_roots) or _under(path, taken):
             continue
         direct = path in roots
         is_classifier = path.rpartition(".")[2] in CLASSIFIER_NAMES
-        if isinstance(module, PATCHABLE_LAYERS):
+        if supports(module):
             if (direct or not is_classifier) and _is_hooked_by_forward(path, modules):
                 result.layers.append((path, module))
-        elif _is_conv_like(module) and not is_classifier:
+                taken.add(path)
+        elif _is_conv_like(module) and not is_classifier and not _under(path, taken):
             result.unsupported.append((path, type(module).__name__))
-    if not result.layers:
-        found = sorted({type(modules[p]).__name__ for p in paths if under(p, roots)})
-        raise DeltaPatchConfigError(
-            f"delta_patch: nothing to patch: targets {targets} (exclude {exclude}) contain no "
-            f"nn.Conv2d / nn.Linear layer. Module types found there: {found}."
-        )
     return result
+
+
+def resolve_owned(model: nn.Module, patterns: list[str]) -> list[tuple[str, nn.Module]]:
+    """The layers a patch owns for ``trainable`` patterns: every module under a matched
+    path that holds tensors of its own (children read without a call, such as
+    ``nn.MultiheadAttention.out_proj``, belong to their owner), in model order."""
+    from ..branches.owned import owned_tensor_names
+
+    modules = dict(base_modules(model))
+    modules.pop("", None)
+    roots = _match(model, list(modules), "trainable", patterns)
+    owned = [
+        (path, module)
+        for path, module in modules.items()
+        if _under(path, roots)
+        and owned_tensor_names(module)
+        and _is_hooked_by_forward(path, modules)
+    ]
+    if not owned:
+        raise DeltaPatchConfigError(
+            f"delta_patch.trainable {patterns} names modules without parameters or buffers"
+        )
+    return owned
+
+
+def norm_layers(model: nn.Module, targets: list[str], exclude: list[str], reserved: set[str]):
+    """Normalisation layers (BatchNorm, SyncBN, LayerNorm, GroupNorm, InstanceNorm with
+    affine or running statistics) under ``targets``, for task-specific normalisation."""
+    from ..branches.owned import owned_tensor_names
+
+    modules = dict(base_modules(model))
+    modules.pop("", None)
+    paths = list(modules)
+    roots = _match(model, paths, "targets", targets)
+    excluded = _match(model, paths, "exclude", exclude) | set(reserved)
+    return [
+        (path, m)
+        for path, m in modules.items()
+        if _under(path, roots)
+        and not _under(path, excluded)
+        and isinstance(m, NORM_LAYERS)
+        and owned_tensor_names(m)
+    ]
 
 
 def _is_plain_container(module: nn.Module) -> bool:

@@ -1,0 +1,83 @@
+"""``merge_patch``: fold a patch into a standalone model that needs no mmdelta."""
+
+import copy
+
+import torch
+from torch import nn
+
+from .slot import iter_slots, remove_slot
+from .state import patch_names, set_active_patch
+
+
+def _set_tensor(layer: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner_path, _, attr = name.rpartition(".")
+    owner = layer.get_submodule(owner_path)
+    if attr in owner._parameters:
+        old = owner._parameters[attr]
+        owner._parameters[attr] = nn.Parameter(value, requires_grad=old.requires_grad)
+    else:
+        owner._buffers[attr] = value
+
+
+def _update_sizes(layer: nn.Module) -> None:
+    weight = getattr(layer, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return
+    size = weight.shape[0]
+    for attr in ("out_features", "out_channels"):
+        if isinstance(getattr(layer, attr, None), int):
+            setattr(layer, attr, size)
+
+
+def merge_patch(model: nn.Module, name: str | None = None) -> nn.Module:
+    """A new model in which patch ``name`` (default: the active one) is part of the weights.
+
+    Mergeable branches are folded into their layers' tensors (``W + ΔW``, scale-and-shift
+    into weight and bias), patch-owned layers replace the base's (a new class set included:
+    the heads' ``num_classes`` take the patch's value), and every patch, slot and guard is
+    removed: the result is a plain model of the upstream class whose ``state_dict()`` loads
+    into plain mmdet / mmseg built with the patch's class count. ``model`` is not changed.
+
+    Raises:
+        ValueError: the patch has a branch type that cannot be folded (e.g. ``BlockDelta``),
+            or no patch is active and none is named.
+    """
+    names = patch_names(model)
+    name = name if name is not None else model.__dict__.get("_mmdelta_active")
+    if name is None:
+        raise ValueError(f"no patch is active; say which to merge: one of {names}")
+    if name not in names:
+        raise KeyError(f"model carries no patch {name!r}; it has {names}")
+    blocking = sorted(
+        {
+            f"{type(slot[name]).__name__} on {path}"
+            for path, slot in iter_slots(model)
+            if name in slot and not slot[name].mergeable
+        }
+    )
+    if blocking:
+        raise ValueError(
+            f"patch {name!r} cannot be merged into plain weights: it has branches that compute "
+            f"something no base layer can (e.g. {blocking[:3]}, {len(blocking)} in all); serve "
+            "it with mmdelta (load_patch + set_active_patch) instead"
+        )
+    merged = copy.deepcopy(model)
+    set_active_patch(merged, name)  # the patch's head attributes (num_classes, …)
+    was_training = merged.training
+    with torch.no_grad():
+        for path, slot in list(iter_slots(merged)):
+            layer = merged.get_submodule(path)
+            branch = slot._modules.get(name)
+            if branch is not None:
+                for tensor_name, value in branch.merged_tensors(layer).items():
+                    _set_tensor(layer, tensor_name, value.detach().clone())
+                _update_sizes(layer)
+            remove_slot(layer)
+    for attr in list(merged.__dict__):
+        if attr.startswith("_mmdelta_"):
+            del merged.__dict__[attr]
+    merged.__dict__.pop("train", None)
+    for param in merged.parameters():
+        param.requires_grad_(True)
+    merged.train(was_training)  # the model's own train(): frozen stages, norm_eval
+    return merged
