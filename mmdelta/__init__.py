@@ -4,7 +4,7 @@ A frozen base model gets small, zero-initialised trainable Δ branches; with the
 inactive the model is the base model bit for bit.
 """
 
-from .branches import DeltaBranch, LowRankDelta
+from .branches import BlockDelta, DeltaBranch, LowRankDelta, PatchOwned, ScaleShiftDelta
 from .patching import (
     DeltaPatchConfigError,
     PatchFileError,
@@ -28,11 +28,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DELTA_BRANCHES",
+    "BlockDelta",
     "DeltaBranch",
     "DeltaPatchConfigError",
     "LowRankDelta",
     "PatchFileError",
+    "PatchOwned",
     "PatchSummary",
+    "ScaleShiftDelta",
     "__version__",
     "active_patch",
     "apply_delta_patch",

@@ -1,6 +1,16 @@
-"""Δ branch types: small trainable modules computed beside a frozen layer."""
+"""What a patch adds to a frozen layer: Δ branch types and patch-owned layer copies."""
 
 from .base import DeltaBranch, LayerTooSmall
+from .block import BlockDelta
 from .low_rank import LowRankDelta
+from .owned import PatchOwned
+from .scale_shift import ScaleShiftDelta
 
-__all__ = ["DeltaBranch", "LayerTooSmall", "LowRankDelta"]
+__all__ = [
+    "BlockDelta",
+    "DeltaBranch",
+    "LayerTooSmall",
+    "LowRankDelta",
+    "PatchOwned",
+    "ScaleShiftDelta",
+]

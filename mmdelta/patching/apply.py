@@ -6,8 +6,7 @@ from dataclasses import dataclass, field
 from mmengine.logging import print_log
 from torch import nn
 
-from ..branches import LayerTooSmall
-from ..branches.owned import PatchOwned
+from ..branches import LayerTooSmall, PatchOwned
 from ..registry import DELTA_BRANCHES
 from .classes import ClassChange, default_head_layers, plan_class_change
 from .config import DeltaPatchConfigError, resolve_config

@@ -104,7 +104,8 @@ def remove_patch(model: nn.Module, name: str) -> None:
     if active_patch(model) == name:
         set_active_patch(model, None)
     for _, slot in list(iter_slots(model)):
-        slot.pop(name, None)
+        if name in slot:
+            del slot[name]
     layers = [model.get_submodule(path) for path, slot in iter_slots(model) if not len(slot)]
     for layer in layers:
         remove_slot(layer)

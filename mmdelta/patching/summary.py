@@ -14,7 +14,7 @@ class PatchedLayer:
     stage: str
     layer_type: str
     form: str
-    rank: int
+    rank: int  # LowRankDelta rank, BlockDelta width, 0 for other types
     base_params: int  # parameters of the frozen layer (weight and bias)
     delta_params: int
 
@@ -120,7 +120,7 @@ def describe_layer(model: nn.Module, path: str, layer: nn.Module, branch: nn.Mod
         stage=stage_of(model, path),
         layer_type=type(layer).__name__,
         form=getattr(branch, "form", type(branch).__name__),
-        rank=getattr(branch, "rank", 0),
-        base_params=sum(p.numel() for p in layer.parameters(recurse=False)),
+        rank=getattr(branch, "rank", getattr(branch, "width", 0)),
+        base_params=count_base_params(layer),
         delta_params=sum(p.numel() for p in branch.parameters()),
     )
