@@ -1,13 +1,16 @@
 """Quick end-to-end Δ-patch: build a small mmdet detector, patch it, train a few steps on
-generated images, and check that the patch-off model is still the base bit for bit.
+generated images, check that the patch-off model is still the base bit for bit, save the
+patch file, load it onto an independently built base, and merge it into plain weights.
 
-    .venv/bin/python tools/demo.py [--steps 20] [--config configs/demo/...py]
+    .venv/bin/python tools/demo.py [--steps 20] [--config configs/demo/...py] [--out DIR]
 
 Everything runs offline on the CPU in well under a minute.
 """
 
 import argparse
+import io
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -19,7 +22,14 @@ from mmengine.config import Config
 from mmengine.optim import OptimWrapper
 from mmengine.registry import DefaultScope
 
-from mmdelta import apply_delta_patch, base_state_dict, delta_disabled
+from mmdelta import (
+    apply_delta_patch,
+    base_state_dict,
+    delta_disabled,
+    load_patch,
+    merge_patch,
+    save_patch,
+)
 from mmdelta.exactness import identical, tensor_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,6 +91,9 @@ def main(argv=None) -> int:
     parser.add_argument("--config", default=str(DEFAULT_CONFIG))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--lr", type=float, default=0.02)
+    parser.add_argument(
+        "--out", help="folder for the patch file (default: a temporary folder, removed after)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     start = time.perf_counter()
@@ -124,7 +137,29 @@ def main(argv=None) -> int:
         checks["patch off == independently built base, bit for bit"] = identical(
             tensor_outputs(model, probe), base_out
         )
-    checks["patch on differs from the base"] = not identical(tensor_outputs(model, probe), base_out)
+    patched_out = tensor_outputs(model, probe)
+    checks["patch on differs from the base"] = not identical(patched_out, base_out)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(args.out or tmp) / f"{summary.name}.safetensors"
+        save_patch(model, path, overwrite=args.out is None)
+        full = io.BytesIO()
+        torch.save({"state_dict": base.state_dict()}, full)
+        size = path.stat().st_size
+        print(
+            f"== patch file {path if args.out else path.name}: {size:,} bytes, "
+            f"{100 * size / full.getbuffer().nbytes:.2f}% of a full checkpoint "
+            f"({full.getbuffer().nbytes:,} bytes)"
+        )
+        load_patch(base, path)  # onto the independently built base
+    checks["patch file loaded onto the independent base == the trained patch"] = identical(
+        tensor_outputs(base, probe), patched_out
+    )
+    merged_out = tensor_outputs(merge_patch(model), probe)
+    checks["merged plain model == the patched model (1e-5 relative)"] = all(
+        torch.allclose(a, b, rtol=0, atol=1e-5 * float(b.abs().max()))
+        for a, b in zip(merged_out, patched_out, strict=True)
+    )
 
     print("== exactness check")
     for what, ok in checks.items():

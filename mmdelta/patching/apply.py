@@ -61,6 +61,17 @@ def build_patch(model: nn.Module, cfg: Mapping | None, name: str | None = None) 
             model, resolved["classes"], resolved["base_classes"], resolved["class_map"]
         )
         trainable = trainable or default_head_layers(model, built.classes)
+        matched = len(built.classes.matched)
+        print_log(
+            f"mmdelta patch {name!r}: {len(resolved['classes'])} classes, {matched} start from "
+            "the base's rows for the same class"
+            + (
+                ""
+                if resolved["base_classes"] or matched
+                else " (the base's class names are unknown: set delta_patch.base_classes)"
+            ),
+            logger="current",
+        )
     owned = resolve_owned(model, trainable) if trainable else []
     owned_paths = {path for path, _ in owned}
     if built.classes is not None:
