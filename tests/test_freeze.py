@@ -68,16 +68,24 @@ def test_batchnorm_statistics_frozen_despite_norm_eval_false():
 
 
 def test_init_weights_never_reaches_delta():
-    """FPN's init_cfg Xavier(layer='Conv2d') re-initialises every nn.Conv2d below it."""
+    """FPN's init_cfg Xavier(layer='Conv2d') re-initialises every nn.Conv2d below it; the
+    bbox head's init_cfg overrides by name ('fc_cls', 'fc_reg') re-initialise the whole
+    named module, children included."""
     model = build_model("faster_rcnn_r50_fpn")
-    apply_delta_patch(model, {})
+    apply_delta_patch(model, dict(classes=[f"c{i}" for i in range(80)]))
     lateral = model.neck.lateral_convs[0].conv
     before = lateral.weight.detach().clone()
+    head = model.roi_head.bbox_head
+    owned = {k: v.clone() for k, v in head.fc_cls.delta.state_dict().items()}
+    base_cls = head.fc_cls.weight.detach().clone()
     model.neck.init_weights()
-    assert not torch.equal(before, lateral.weight)  # the initialiser really ran
+    head.init_weights()
+    assert not torch.equal(before, lateral.weight)  # the initialisers really ran
+    assert not torch.equal(base_cls, head.fc_cls.weight)
     for _, slot in iter_slots(model.neck):
         for branch in slot.values():
             assert not branch.up.any()
+    assert all(torch.equal(v, head.fc_cls.delta.state_dict()[k]) for k, v in owned.items())
 
 
 def test_deepcopy_keeps_hooks_on_their_own_layers():

@@ -181,8 +181,8 @@ def _nan(src, dst):
 
 def _inf(src, dst):
     def edit(metadata, tensors):
-        tensors["bbox_head.retina_cls:bias"] = tensors["bbox_head.retina_cls:bias"].clone()
-        tensors["bbox_head.retina_cls:bias"][3] = float("inf")
+        tensors["bbox_head.retina_cls:own_bias"] = tensors["bbox_head.retina_cls:own_bias"].clone()
+        tensors["bbox_head.retina_cls:own_bias"][3] = float("inf")
 
     rewrite(src, dst, edit)
 

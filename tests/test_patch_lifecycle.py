@@ -104,8 +104,8 @@ def test_own_20_class_head_on_an_80_class_base(faster_rcnn):
     assert cls_score.shape[1] == 21 and bbox_pred.shape[1] == 4 * 20
 
     # rows of the matching base classes (and the background) start from the base's
-    owned_cls = head.fc_cls.delta["voc"].weight
-    owned_reg = head.fc_reg.delta["voc"].weight
+    owned_cls = head.fc_cls.delta["voc"].own_weight
+    owned_reg = head.fc_reg.delta["voc"].own_weight
     for new_index, name in enumerate(NEW):
         source = (
             COCO.index({"plane": "coco4"}.get(name, name)) if not name.startswith("new") else None
@@ -176,13 +176,13 @@ def test_retinanet_anchor_major_class_layout():
     head = model.bbox_head
     owned = head.retina_cls.delta["default"]
     anchors = head.num_base_priors
-    assert owned.weight.shape[0] == anchors * 3 and head.cls_out_channels == 3
+    assert owned.own_weight.shape[0] == anchors * 3 and head.cls_out_channels == 3
     for a in range(anchors):
-        assert torch.equal(owned.weight[a * 3 + 0], head.retina_cls.weight[a * 80 + 5])
-        assert torch.equal(owned.weight[a * 3 + 2], head.retina_cls.weight[a * 80 + 1])
-        assert torch.equal(owned.bias[a * 3 + 1], head.retina_cls.bias.mean())
+        assert torch.equal(owned.own_weight[a * 3 + 0], head.retina_cls.weight[a * 80 + 5])
+        assert torch.equal(owned.own_weight[a * 3 + 2], head.retina_cls.weight[a * 80 + 1])
+        assert torch.equal(owned.own_bias[a * 3 + 1], head.retina_cls.bias.mean())
     # the class-agnostic regressor is owned with its base shape
-    assert torch.equal(head.retina_reg.delta["default"].weight, head.retina_reg.weight)
+    assert torch.equal(head.retina_reg.delta["default"].own_weight, head.retina_reg.weight)
     batch = make_batch("retinanet_r18_fpn")
     with delta_disabled(model):
         assert same(tensor_outputs(model, batch), tensor_outputs(base, batch))
@@ -195,7 +195,7 @@ def test_segmenter_class_change_switches_decode_and_auxiliary_heads():
     assert model.decode_head.num_classes == 3 and model.decode_head.out_channels == 3
     heads = [n for n in ("decode_head", "auxiliary_head") if hasattr(model, n)]
     for name in heads:
-        assert getattr(model, name).conv_seg.delta["default"].weight.shape[0] == 3
+        assert getattr(model, name).conv_seg.delta["default"].own_weight.shape[0] == 3
     batch = make_batch("deeplabv3_r18_v1c")
     assert tensor_outputs(model, batch)[0].shape[1] == 3
     with delta_disabled(model):

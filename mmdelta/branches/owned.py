@@ -7,7 +7,10 @@ from torch import nn
 
 from .base import DeltaBranch, call_with_tensors
 
-_SEP = "__"  # stands for "." in the names of tensors that belong to a child of the layer
+#: owned tensor ``name`` is held as ``own_<name>`` with ``.`` written as ``__``: no attribute
+#: is called ``weight``/``bias``, so OpenMMLab initialisers (which re-initialise any module
+#: with a ``weight``, e.g. ``init_cfg`` overrides by name) never reach the patch's copies
+_PREFIX, _SEP = "own_", "__"
 
 
 def owned_tensor_names(layer: nn.Module) -> list[str]:
@@ -47,7 +50,8 @@ class PatchOwned(DeltaBranch):
       it always normalises with its own (copied, frozen) statistics. The base's statistics
       never change either way.
 
-    Tensor names are the layer's state-dict names with ``.`` written as ``__``.
+    Tensor ``name`` of the layer is held as ``own_<name>`` (``.`` written as ``__``), e.g.
+    ``roi_head.bbox_head.fc_cls.delta.voc.own_weight``; :meth:`tensors` maps them back.
     """
 
     mergeable = True
@@ -68,7 +72,7 @@ class PatchOwned(DeltaBranch):
                 tensor = _reindexed(tensor, rows, is_weight=name.endswith("weight"))
             else:
                 tensor = tensor.clone()
-            key = name.replace(".", _SEP)
+            key = _PREFIX + name.replace(".", _SEP)
             if name in parameters:
                 self.register_parameter(key, nn.Parameter(tensor, requires_grad=False))
             else:
@@ -82,7 +86,7 @@ class PatchOwned(DeltaBranch):
     def tensors(self) -> dict[str, torch.Tensor]:
         """Layer state-dict name -> this patch's tensor."""
         own = {**self._parameters, **self._buffers}
-        return {k.replace(_SEP, "."): v for k, v in own.items()}
+        return {k.removeprefix(_PREFIX).replace(_SEP, "."): v for k, v in own.items()}
 
     def patched_forward(self, layer, base_forward, args, kwargs):
         training = (self.training and self.update_stats) if self.has_stats else None
