@@ -111,5 +111,19 @@ class DeltaBranch(nn.Module):
         Returns new tensors; never modifies the layer."""
         raise NotImplementedError(f"{type(self).__name__} cannot be folded into its layer")
 
+    def cached_fold(self, layer: nn.Module, fold: Callable[[], dict]) -> dict:
+        """``fold()`` (the layer's tensors with this branch folded in), computed once and
+        reused until a parameter of the branch or the layer changes (tensor versions)."""
+        key = tuple(
+            (id(t), t._version) for t in (*self.parameters(), *layer.parameters(recurse=False))
+        )
+        cached = self.__dict__.get("_folded")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, fold())
+            self.__dict__["_folded"] = cached
+        return cached[1]
+
     def clear_cache(self) -> None:
         """Drops anything cached for inference (called when the active patch changes)."""
+        self.__dict__.pop("_folded", None)

@@ -37,13 +37,18 @@ class LowRankDelta(DeltaBranch):
     ``(N, C_in, H, W)`` (conv) or ``(..., C_in)`` (linear) to exactly the layer's output
     shape. Mergeable: ``f(x; W + delta_weight()) == f(x) + Δ(x)`` up to rounding.
 
-    Two ways to compute the patched layer, chosen per call:
+    Two ways to compute the patched layer (``compute``):
 
-    * **branch form** ``f(x; W) + Δ(x)`` whenever gradients may be needed (training mode or
-      grad enabled): only Δ's own (small) weight gradients are formed;
-    * **weight form** ``f(x; W + ΔW)`` in eval mode under ``torch.no_grad()``: the layer's own
-      kernel with a folded weight, computed once and cached until Δ or the patch selection
-      changes, so inference costs what the base costs. The base ``W`` is never modified.
+    * **branch form** ``f(x; W) + Δ(x)``: Δ runs as its own two small convs; only Δ's own
+      weight gradients are formed, but every branch re-reads the layer's input;
+    * **weight form** ``f(x; W + ΔW)``: the layer's own kernel with a folded weight. In eval
+      mode under ``torch.no_grad()`` the fold is computed once and cached until Δ or the
+      patch selection changes, so inference costs what the base costs. In training the
+      gradient reaches Δ through the fold, which forms the layer's full weight gradient.
+
+    ``compute='auto'`` (default) uses the weight form for inference (eval + no_grad) and the
+    branch form otherwise; ``'branch'`` / ``'weight'`` force one form. Either way the base
+    ``W`` is never modified.
 
     Args:
         layer: the frozen ``nn.Conv2d`` or ``nn.Linear`` (or a subclass that keeps their
@@ -54,8 +59,15 @@ class LowRankDelta(DeltaBranch):
 
     mergeable = True
 
-    def __init__(self, layer: nn.Module, rank: int = 8, alpha: float | None = None):
+    def __init__(
+        self, layer: nn.Module, rank: int = 8, alpha: float | None = None, compute: str = "auto"
+    ):
         super().__init__(layer)
+        if compute not in ("auto", "branch", "weight"):
+            raise ValueError(
+                f"LowRankDelta: `compute` must be 'auto', 'branch' or 'weight', got {compute!r}"
+            )
+        self.compute = compute
         if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
             raise ValueError(f"LowRankDelta: `rank` must be a positive integer, got {rank!r}")
         if alpha is not None and (
@@ -131,25 +143,21 @@ class LowRankDelta(DeltaBranch):
         return F.conv2d(h, up, None, 1, 0, 1, self.groups)
 
     def patched_forward(self, layer, base_forward, args, kwargs):
-        if self.training or torch.is_grad_enabled():
+        inference = not (self.training or torch.is_grad_enabled())
+        if self.compute == "branch" or (self.compute == "auto" and not inference):
             return super().patched_forward(layer, base_forward, args, kwargs)
-        return call_with_tensors(layer, {"weight": self._folded_weight(layer)}, args, kwargs)
+        if inference:
+            tensors = self.cached_fold(layer, lambda: self._fold(layer))
+        else:
+            tensors = self._fold(layer)
+        return call_with_tensors(layer, tensors, args, kwargs)
 
-    def _folded_weight(self, layer: nn.Module) -> torch.Tensor:
-        weight = layer.weight
-        key = (id(weight), weight._version, self.up._version, self.down._version, self.scale)
-        cached = self.__dict__.get("_folded")
-        if cached is None or cached[0] != key:
-            cached = (key, weight + self.delta_weight().to(weight.dtype))
-            self.__dict__["_folded"] = cached
-        return cached[1]
-
-    def clear_cache(self) -> None:
-        self.__dict__.pop("_folded", None)
+    def _fold(self, layer: nn.Module) -> dict[str, torch.Tensor]:
+        return {"weight": layer.weight + self.delta_weight().to(layer.weight.dtype)}
 
     def merged_tensors(self, layer: nn.Module) -> dict[str, torch.Tensor]:
         with torch.no_grad():
-            return {"weight": layer.weight + self.delta_weight().to(layer.weight.dtype)}
+            return self._fold(layer)
 
     def delta_weight(self) -> torch.Tensor:
         if self.form == "linear":
@@ -167,4 +175,4 @@ class LowRankDelta(DeltaBranch):
         return self.scale * w
 
     def extra_repr(self) -> str:
-        return f"form={self.form}, rank={self.rank}, scale={self.scale:g}"
+        return f"form={self.form}, rank={self.rank}, scale={self.scale:g}, compute={self.compute}"

@@ -98,7 +98,11 @@ class ScaleShiftDelta(DeltaBranch):
         )
 
     def patched_forward(self, layer, base_forward, args, kwargs):
-        return call_with_tensors(layer, self._tensors(layer), args, kwargs)
+        if self.training or torch.is_grad_enabled():
+            tensors = self._tensors(layer)
+        else:  # inference: fold once, reuse until γ, β or the layer change
+            tensors = self.cached_fold(layer, lambda: self._tensors(layer))
+        return call_with_tensors(layer, tensors, args, kwargs)
 
     def merged_tensors(self, layer: nn.Module) -> dict[str, torch.Tensor]:
         with torch.no_grad():
