@@ -97,3 +97,32 @@ def test_openmmlab_initialisers_skip_branches():
     neck = Neck()
     neck.init_weights()
     assert not neck.branch.up.any()
+
+
+@pytest.mark.parametrize("kind", ["dense_3x3_stride2", "depthwise_7x7", "linear_channels_last"])
+def test_compute_forms_agree_and_the_inference_fold_follows_updates(kind):
+    from mmdelta.patching.slot import slot_of
+
+    layer, x = make(kind)
+    base = layer(x)
+    branch = LowRankDelta(layer, rank=4)
+    slot = slot_of(layer, create=True)
+    slot["p"], slot.active = branch, "p"
+    layer.eval()
+    nn.init.normal_(branch.up)
+    outputs = {}
+    for compute in ("branch", "weight", "auto"):
+        branch.compute = compute
+        with torch.no_grad():
+            outputs[compute] = layer(x)
+    assert not torch.equal(outputs["branch"], base)
+    torch.testing.assert_close(outputs["weight"], outputs["branch"], rtol=1e-5, atol=1e-5)
+    assert torch.equal(outputs["auto"], outputs["weight"])  # eval + no_grad: weight form
+    with torch.no_grad():
+        branch.up.mul_(2)  # an optimiser step: the cached fold must not be reused
+        again = layer(x)
+    torch.testing.assert_close(again - base, 2 * (outputs["weight"] - base), rtol=1e-4, atol=1e-4)
+    slot.active = None
+    assert torch.equal(layer(x), base)
+    with pytest.raises(ValueError, match="`compute` must be"):
+        LowRankDelta(layer, compute="fast")
