@@ -44,7 +44,7 @@ def test_default_patch_and_resolved_cfg():
         name="default",
         targets=["backbone", "neck"],
         exclude=[],
-        branch=dict(type="LowRankDelta", rank=8, alpha=None),
+        branch=dict(type="LowRankDelta", rank=8, alpha=None, compute="auto"),
         trainable=[],
         task_norm=None,
         classes=None,
@@ -162,7 +162,9 @@ def test_works_with_mmengine_config_dicts():
         model, ConfigDict(targets=["backbone"], branch=dict(type="LowRankDelta", rank=2, alpha=4))
     )
     assert torch.equal(model(x), before)
-    assert get_delta_patch_cfg(model)["branch"] == dict(type="LowRankDelta", rank=2, alpha=4)
+    assert get_delta_patch_cfg(model)["branch"] == dict(
+        type="LowRankDelta", rank=2, alpha=4, compute="auto"
+    )
 
 
 def test_shared_layer_is_patched_once_and_counted_once():

@@ -21,7 +21,7 @@ def test_demo_trains_a_patch_and_passes_the_exactness_check():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     assert "FAILED" not in out
-    assert out.count("[ok]") == 4
+    assert out.count("[ok]") == 6
     assert "Δ fraction" in out and "backbone.layer4" in out and "neck.fpn_convs" in out
 
 
@@ -44,5 +44,10 @@ def test_patch_summary_tool_on_an_upstream_config(tmp_path):
 
     summary = json.loads(proc.stdout[proc.stdout.index("{") :])
     assert set(summary["stages"]) == {"backbone.layer4"}
-    assert summary["branch"] == {"type": "LowRankDelta", "rank": 4, "alpha": None}
+    assert summary["branch"] == {
+        "type": "LowRankDelta",
+        "rank": 4,
+        "alpha": None,
+        "compute": "auto",
+    }
     assert 0 < summary["delta_fraction"] < 0.05

@@ -191,15 +191,21 @@ def test_retinanet_anchor_major_class_layout():
 def test_segmenter_class_change_switches_decode_and_auxiliary_heads():
     model, base = build_pair("deeplabv3_r18_v1c")
     k = model.decode_head.num_classes
+    meta = dict(classes=tuple(f"b{i}" for i in range(k)), palette=[[i, i, i] for i in range(k)])
+    model.dataset_meta = meta
     apply_delta_patch(model, dict(classes=["a", "b", "c"]))
     assert model.decode_head.num_classes == 3 and model.decode_head.out_channels == 3
+    # the segmentor copies its head's counts (slide inference reads them)
+    assert model.num_classes == 3 and model.out_channels == 3
+    assert model.dataset_meta["classes"] == ("a", "b", "c") and "palette" not in model.dataset_meta
     heads = [n for n in ("decode_head", "auxiliary_head") if hasattr(model, n)]
     for name in heads:
         assert getattr(model, name).conv_seg.delta["default"].own_weight.shape[0] == 3
     batch = make_batch("deeplabv3_r18_v1c")
     assert tensor_outputs(model, batch)[0].shape[1] == 3
     with delta_disabled(model):
-        assert model.decode_head.num_classes == k
+        assert model.decode_head.num_classes == k and model.num_classes == k
+        assert model.dataset_meta is meta
         assert same(tensor_outputs(model, batch), tensor_outputs(base, batch))
 
 

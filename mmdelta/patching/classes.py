@@ -127,16 +127,25 @@ def plan_class_change(
     change = ClassChange(
         matched={n: i for n, i in zip(classes, new_index, strict=True) if i is not None}
     )
+    # every module counting the base's classes switches, also those without layers of their
+    # own (mmseg's EncoderDecoder copies its decode head's num_classes / out_channels)
+    for path, module in base_modules(model):
+        if getattr(module, "num_classes", None) != k_base or isinstance(module.num_classes, bool):
+            continue
+        attrs = {}
+        for attr in CLASS_COUNT_ATTRS:
+            value = getattr(module, attr, None)
+            if isinstance(value, int) and value in (k_base, k_base + 1):
+                attrs[attr] = value - k_base + len(classes)
+        change.attrs[path] = attrs
+    meta = getattr(model, "dataset_meta", None)
+    if isinstance(meta, dict):  # visualisers and evaluators read the class names from it
+        meta = {k: v for k, v in meta.items() if k != "palette" or len(v) == len(classes)}
+        change.attrs.setdefault("", {})["dataset_meta"] = {**meta, "classes": tuple(classes)}
     for head_path, head in heads.items():
         if head.num_classes != k_base:
             continue
         change.heads.append(head_path)
-        attrs = {}
-        for attr in CLASS_COUNT_ATTRS:
-            value = getattr(head, attr, None)
-            if isinstance(value, int) and value in (k_base, k_base + 1):
-                attrs[attr] = value - k_base + len(classes)
-        change.attrs[head_path] = attrs
         for name, layer in head.named_children():
             if name in CLASSIFIER_NAMES and isinstance(layer, (nn.Conv2d, nn.Linear)):
                 rows = _row_map(layer, name, head, k_base, new_index)

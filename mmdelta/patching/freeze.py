@@ -58,7 +58,22 @@ def _train_keeping_base_frozen(self: nn.Module, mode: bool = True) -> nn.Module:
 
 
 def install_train_guard(model: nn.Module) -> None:
-    """Makes every later ``model.train(mode)`` / ``model.eval()`` end with the invariants."""
+    """Makes every later ``model.train(mode)`` / ``model.eval()`` end with the invariants.
+
+    The base parameters' own ``requires_grad`` flags (e.g. BatchNorm weights a config froze
+    with ``norm_cfg=dict(requires_grad=False)``) are recorded first, for
+    :func:`restore_requires_grad` when the last patch goes (``remove_patch``, ``merge_patch``).
+    """
     if "train" not in model.__dict__:
+        model.__dict__["_mmdelta_requires_grad"] = {
+            name: p.requires_grad for name, p in model.named_parameters()
+        }
         model.train = types.MethodType(_train_keeping_base_frozen, model)
     enforce_frozen_base(model)
+
+
+def restore_requires_grad(model: nn.Module, flags: dict[str, bool]) -> None:
+    """Gives every parameter named in ``flags`` its recorded ``requires_grad``."""
+    for name, param in model.named_parameters():
+        if name in flags:
+            param.requires_grad_(flags[name])

@@ -70,14 +70,14 @@ def merge_patch(model: nn.Module, name: str | None = None) -> nn.Module:
             branch = slot._modules.get(name)
             if branch is not None:
                 for tensor_name, value in branch.merged_tensors(layer).items():
-                    _set_tensor(layer, tensor_name, value.detach().clone())
+                    _set_tensor(layer, tensor_name, value.detach())
                 _update_sizes(layer)
             remove_slot(layer)
-    for attr in list(merged.__dict__):
-        if attr.startswith("_mmdelta_"):
-            del merged.__dict__[attr]
+    flags = merged.__dict__.get("_mmdelta_requires_grad", {})
+    for attr in [a for a in merged.__dict__ if a.startswith("_mmdelta_")]:
+        del merged.__dict__[attr]
     merged.__dict__.pop("train", None)
-    for param in merged.parameters():
-        param.requires_grad_(True)
+    for name, param in merged.named_parameters():  # the flags the model had before patching
+        param.requires_grad_(flags.get(name, True))
     merged.train(was_training)  # the model's own train(): frozen stages, norm_eval
     return merged

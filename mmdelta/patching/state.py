@@ -112,10 +112,12 @@ def remove_patch(model: nn.Module, name: str) -> None:
     del configs[name]
     del model.__dict__["_mmdelta_attrs"][name]
     if not configs:
-        for attr in ("_mmdelta_patches", "_mmdelta_attrs", "_mmdelta_base_attrs"):
-            model.__dict__.pop(attr, None)
-        model.__dict__.pop("_mmdelta_active", None)
+        from .freeze import restore_requires_grad
+
         model.__dict__.pop("train", None)
+        restore_requires_grad(model, model.__dict__.get("_mmdelta_requires_grad", {}))
+        for attr in [a for a in model.__dict__ if a.startswith("_mmdelta_")]:
+            del model.__dict__[attr]
 
 
 def base_state_dict(model: nn.Module) -> dict:
