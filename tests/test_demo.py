@@ -34,7 +34,13 @@ def test_patch_summary_tool_on_an_upstream_config(tmp_path):
         "delta_patch = dict(targets=['backbone.layer4'], branch=dict(rank=4))\n"
     )
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tools/patch_summary.py"), str(config), "--json"],
+        [
+            sys.executable,
+            str(ROOT / "tools/patch_summary.py"),
+            str(config),
+            "--json",
+            "--file-size",
+        ],
         capture_output=True,
         text=True,
         timeout=600,
@@ -51,3 +57,4 @@ def test_patch_summary_tool_on_an_upstream_config(tmp_path):
         "compute": "auto",
     }
     assert 0 < summary["delta_fraction"] < 0.05
+    assert 0 < summary["patch_bytes"] < 0.05 * summary["checkpoint_bytes"]

@@ -88,7 +88,7 @@ def test_init_weights_never_reaches_delta():
     assert all(torch.equal(v, head.fc_cls.delta.state_dict()[k]) for k, v in owned.items())
 
 
-def test_deepcopy_keeps_hooks_on_their_own_layers():
+def test_deepcopy_keeps_each_dispatcher_on_its_own_layer():
     name = "retinanet_r18_fpn"
     model = build_model(name)
     batch = make_batch(name)

@@ -70,10 +70,10 @@ def _is_conv_like(module: nn.Module) -> bool:
     return isinstance(weight, nn.Parameter) and weight.dim() in (3, 4, 5)
 
 
-def _is_hooked_by_forward(path: str, modules: dict[str, nn.Module]) -> bool:
+def _is_called_by_its_owner(path: str, modules: dict[str, nn.Module]) -> bool:
     """False for layers whose owner reads their weight without calling them.
 
-    ``nn.MultiheadAttention`` uses ``out_proj.weight`` directly, so a forward hook on
+    ``nn.MultiheadAttention`` uses ``out_proj.weight`` directly, so a patched forward of
     ``out_proj`` would never run.
     """
     parent = modules.get(path.rpartition(".")[0])
@@ -134,7 +134,7 @@ def resolve_targets(
         direct = path in roots
         is_classifier = path.rpartition(".")[2] in CLASSIFIER_NAMES
         if supports(module):
-            if (direct or not is_classifier) and _is_hooked_by_forward(path, modules):
+            if (direct or not is_classifier) and _is_called_by_its_owner(path, modules):
                 result.layers.append((path, module))
                 taken.add(path)
         elif _is_conv_like(module) and not is_classifier and not _under(path, taken):
@@ -156,7 +156,7 @@ def resolve_owned(model: nn.Module, patterns: list[str]) -> list[tuple[str, nn.M
         for path, module in modules.items()
         if _under(path, roots)
         and owned_tensor_names(module)
-        and _is_hooked_by_forward(path, modules)
+        and _is_called_by_its_owner(path, modules)
     ]
     if not owned:
         raise DeltaPatchConfigError(
