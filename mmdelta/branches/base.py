@@ -1,7 +1,7 @@
 """The contract every Δ branch type fulfils."""
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from itertools import chain
 
 import torch
 from torch import nn
@@ -12,26 +12,6 @@ class LayerTooSmall(Exception):
 
     The patcher skips such a layer and lists it in the summary; it is not a user error.
     """
-
-
-@contextmanager
-def _swapped_tensors(layer: nn.Module, tensors: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Inside the block ``layer`` (and its children) read ``tensors`` in place of the
-    parameters / buffers of the same names; the original objects are put back on exit."""
-    saved = []
-    try:
-        for name, tensor in tensors.items():
-            owner_path, _, attr = name.rpartition(".")
-            owner = layer.get_submodule(owner_path)
-            store = owner._parameters if attr in owner._parameters else owner._buffers
-            if attr not in store:
-                raise KeyError(f"{type(owner).__name__} has no parameter or buffer {attr!r}")
-            saved.append((store, attr, store[attr]))
-            store[attr] = tensor
-        yield
-    finally:
-        for store, attr, original in reversed(saved):
-            store[attr] = original
 
 
 def call_with_tensors(
@@ -47,16 +27,31 @@ def call_with_tensors(
 
     The layer is left exactly as it was (also on error): the original parameter and buffer
     objects are put back, never recomputed. In-place buffer updates inside the forward
-    (BatchNorm running statistics) go to the tensors passed in.
+    (BatchNorm running statistics) go to the tensors passed in. (Runs on every patched
+    forward, so it is kept lean: no context-manager objects, no lookups for direct names.)
     """
+    saved = []
     saved_mode = layer.training
-    if training is not None:
-        layer.training = training
+    switch = training is not None and training != saved_mode
     try:
-        with _swapped_tensors(layer, tensors):
-            return type(layer).forward(layer, *args, **kwargs)
+        for name, tensor in tensors.items():
+            owner, attr = layer, name
+            if "." in name:
+                owner_path, _, attr = name.rpartition(".")
+                owner = layer.get_submodule(owner_path)
+            store = owner._parameters if attr in owner._parameters else owner._buffers
+            if attr not in store:
+                raise KeyError(f"{type(owner).__name__} has no parameter or buffer {attr!r}")
+            saved.append((store, attr, store[attr]))
+            store[attr] = tensor
+        if switch:  # a plain attribute: skip nn.Module.__setattr__'s checks on this hot path
+            layer.__dict__["training"] = training
+        return type(layer).forward(layer, *args, **kwargs)
     finally:
-        layer.training = saved_mode
+        if switch:
+            layer.__dict__["training"] = saved_mode
+        for store, attr, original in reversed(saved):
+            store[attr] = original
 
 
 class DeltaBranch(nn.Module):
@@ -114,9 +109,8 @@ class DeltaBranch(nn.Module):
     def cached_fold(self, layer: nn.Module, fold: Callable[[], dict]) -> dict:
         """``fold()`` (the layer's tensors with this branch folded in), computed once and
         reused until a parameter of the branch or the layer changes (tensor versions)."""
-        key = tuple(
-            (id(t), t._version) for t in (*self.parameters(), *layer.parameters(recurse=False))
-        )
+        own = chain(self._parameters.values(), layer._parameters.values())
+        key = tuple((id(t), t._version) for t in own if t is not None)
         cached = self.__dict__.get("_folded")
         if cached is None or cached[0] != key:
             with torch.no_grad():
