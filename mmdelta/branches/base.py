@@ -14,6 +14,20 @@ class LayerTooSmall(Exception):
     """
 
 
+def tensor_store(layer: nn.Module, name: str) -> tuple[dict, str]:
+    """The dict (``_parameters`` or ``_buffers`` of the owning module) that holds tensor
+    ``name`` of ``layer`` (a state-dict name, e.g. ``weight`` or ``out_proj.weight``), and
+    the key in it."""
+    owner, attr = layer, name
+    if "." in name:
+        owner_path, _, attr = name.rpartition(".")
+        owner = layer.get_submodule(owner_path)
+    store = owner._parameters if attr in owner._parameters else owner._buffers
+    if attr not in store:
+        raise KeyError(f"{type(owner).__name__} has no parameter or buffer {attr!r}")
+    return store, attr
+
+
 def call_with_tensors(
     layer: nn.Module,
     tensors: dict[str, torch.Tensor],
@@ -35,13 +49,7 @@ def call_with_tensors(
     switch = training is not None and training != saved_mode
     try:
         for name, tensor in tensors.items():
-            owner, attr = layer, name
-            if "." in name:
-                owner_path, _, attr = name.rpartition(".")
-                owner = layer.get_submodule(owner_path)
-            store = owner._parameters if attr in owner._parameters else owner._buffers
-            if attr not in store:
-                raise KeyError(f"{type(owner).__name__} has no parameter or buffer {attr!r}")
+            store, attr = tensor_store(layer, name)
             saved.append((store, attr, store[attr]))
             store[attr] = tensor
         if switch:  # a plain attribute: skip nn.Module.__setattr__'s checks on this hot path

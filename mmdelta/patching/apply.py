@@ -3,6 +3,7 @@
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import torch
 from mmengine.logging import print_log
 from torch import nn
 
@@ -28,10 +29,10 @@ class BuiltPatch:
     classes: ClassChange | None = None
     summary: PatchSummary | None = None
 
-    def keys(self) -> dict[str, tuple]:
-        """``"<layer>:<tensor>"`` -> shape of every tensor the patch holds (its file keys)."""
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """``"<layer>:<tensor>"`` (the patch-file keys) -> every tensor the patch holds."""
         return {
-            f"{path}:{key}": tuple(t.shape)
+            f"{path}:{key}": t
             for path, _, branch in self.branches
             for key, t in branch.state_dict().items()
         }

@@ -54,6 +54,15 @@ def _heads(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
+def _final_layers(head_path: str, head: nn.Module) -> list[tuple[str, str, nn.Module]]:
+    """``(path, name, layer)`` of a head's final classifier / regressor layers."""
+    return [
+        (f"{head_path}.{name}" if head_path else name, name, layer)
+        for name, layer in head.named_children()
+        if name in CLASSIFIER_NAMES and isinstance(layer, (nn.Conv2d, nn.Linear))
+    ]
+
+
 def base_class_names(model: nn.Module) -> list[str] | None:
     meta = getattr(model, "dataset_meta", None)
     classes = meta.get("classes") if isinstance(meta, dict) else None
@@ -146,21 +155,18 @@ def plan_class_change(
         if head.num_classes != k_base:
             continue
         change.heads.append(head_path)
-        for name, layer in head.named_children():
-            if name in CLASSIFIER_NAMES and isinstance(layer, (nn.Conv2d, nn.Linear)):
-                rows = _row_map(layer, name, head, k_base, new_index)
-                if rows is not None:
-                    change.rows[f"{head_path}.{name}" if head_path else name] = rows
+        for path, name, layer in _final_layers(head_path, head):
+            rows = _row_map(layer, name, head, k_base, new_index)
+            if rows is not None:
+                change.rows[path] = rows
     return change
 
 
 def default_head_layers(model: nn.Module, change: ClassChange) -> list[str]:
     """The default new-class recipe's ``trainable``: every final classifier/regressor layer
     of the switching heads (class-agnostic regressors included)."""
-    layers = []
-    for head_path in change.heads:
-        head = model.get_submodule(head_path)
-        for name, layer in head.named_children():
-            if name in CLASSIFIER_NAMES and isinstance(layer, (nn.Conv2d, nn.Linear)):
-                layers.append(f"{head_path}.{name}" if head_path else name)
-    return layers
+    return [
+        path
+        for head_path in change.heads
+        for path, _, _ in _final_layers(head_path, model.get_submodule(head_path))
+    ]

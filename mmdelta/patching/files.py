@@ -228,27 +228,19 @@ def load_patch(
                 f"the model already carries a patch {name!r} built from another config; load "
                 "this file under another name"
             )
-        expected = _patch_tensors(model, name)
-        _check_tensors(path, tensors, expected)
-        with torch.no_grad():
-            for key, tensor in tensors.items():
-                expected[key].copy_(tensor)
+        built, expected = None, _patch_tensors(model, name)
     else:
         try:
             built = build_patch(model, cfg, name=name)
         except DeltaPatchConfigError as err:
             raise PatchFileError(f"{path}: its config does not apply to this model: {err}") from err
-        expected = {
-            f"{p}:{k}": t for p, _, branch in built.branches for k, t in branch.state_dict().items()
-        }
-        _check_tensors(path, tensors, expected)
-        with torch.no_grad():
-            for key, tensor in tensors.items():
-                expected[key].copy_(tensor)
+        expected = built.tensors()
+    _check_tensors(path, tensors, expected)
+    with torch.no_grad():  # bumps tensor versions: no inference fold cached before is reused
+        for key, tensor in tensors.items():
+            expected[key].copy_(tensor)
+    if built is not None:
         attach_patch(model, built, select=False)
-    for _, slot in iter_slots(model):
-        if name in slot:
-            slot[name].clear_cache()
     if activate:
         set_active_patch(model, name)
     return name

@@ -5,18 +5,19 @@ import copy
 import torch
 from torch import nn
 
+from ..branches.base import tensor_store
 from .slot import iter_slots, remove_slot
-from .state import patch_names, set_active_patch
+from .state import active_patch, patch_names, set_active_patch
 
 
 def _set_tensor(layer: nn.Module, name: str, value: torch.Tensor) -> None:
-    owner_path, _, attr = name.rpartition(".")
-    owner = layer.get_submodule(owner_path)
-    if attr in owner._parameters:
-        old = owner._parameters[attr]
-        owner._parameters[attr] = nn.Parameter(value, requires_grad=old.requires_grad)
-    else:
-        owner._buffers[attr] = value
+    store, attr = tensor_store(layer, name)
+    old = store[attr]
+    store[attr] = (
+        nn.Parameter(value, requires_grad=old.requires_grad)
+        if isinstance(old, nn.Parameter)
+        else value
+    )
 
 
 def _update_sizes(layer: nn.Module) -> None:
@@ -43,7 +44,7 @@ def merge_patch(model: nn.Module, name: str | None = None) -> nn.Module:
             or no patch is active and none is named.
     """
     names = patch_names(model)
-    name = name if name is not None else model.__dict__.get("_mmdelta_active")
+    name = name if name is not None else active_patch(model)
     if name is None:
         raise ValueError(f"no patch is active; say which to merge: one of {names}")
     if name not in names:

@@ -75,10 +75,6 @@ def set_active_patch(model: nn.Module, name: str | None) -> None:
         enforce_frozen_base(model, model.training)
 
 
-#: the name used until patch lifecycle functions existed
-select_patch = set_active_patch
-
-
 def get_delta_patch_cfg(model: nn.Module, name: str | None = None) -> dict:
     """The resolved config (defaults filled in) of patch ``name`` (default: the active one)."""
     name = name if name is not None else active_patch(model)

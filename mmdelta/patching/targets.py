@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+from ..branches.owned import owned_tensor_names
 from .config import DeltaPatchConfigError
 from .slot import DeltaSlot
 
@@ -63,6 +64,13 @@ def base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             if not isinstance(child, DeltaSlot)
         ]
         stack.extend(reversed(children))
+
+
+def _submodules(model: nn.Module) -> dict[str, nn.Module]:
+    """Path -> module for every base module below the root (the root itself left out)."""
+    modules = dict(base_modules(model))
+    modules.pop("", None)
+    return modules
 
 
 def _is_conv_like(module: nn.Module) -> bool:
@@ -120,8 +128,7 @@ def resolve_targets(
     Raises:
         DeltaPatchConfigError: a pattern matches nothing, or nothing patchable remains.
     """
-    modules = dict(base_modules(model))
-    modules.pop("", None)
+    modules = _submodules(model)
     paths = list(modules)
     roots = _match(model, paths, "targets", targets)
     excluded_roots = _match(model, paths, "exclude", exclude) | set(reserved)
@@ -137,7 +144,7 @@ def resolve_targets(
             if (direct or not is_classifier) and _is_called_by_its_owner(path, modules):
                 result.layers.append((path, module))
                 taken.add(path)
-        elif _is_conv_like(module) and not is_classifier and not _under(path, taken):
+        elif _is_conv_like(module) and not is_classifier:
             result.unsupported.append((path, type(module).__name__))
     return result
 
@@ -146,10 +153,7 @@ def resolve_owned(model: nn.Module, patterns: list[str]) -> list[tuple[str, nn.M
     """The layers a patch owns for ``trainable`` patterns: every module under a matched
     path that holds tensors of its own (children read without a call, such as
     ``nn.MultiheadAttention.out_proj``, belong to their owner), in model order."""
-    from ..branches.owned import owned_tensor_names
-
-    modules = dict(base_modules(model))
-    modules.pop("", None)
+    modules = _submodules(model)
     roots = _match(model, list(modules), "trainable", patterns)
     owned = [
         (path, module)
@@ -168,10 +172,7 @@ def resolve_owned(model: nn.Module, patterns: list[str]) -> list[tuple[str, nn.M
 def norm_layers(model: nn.Module, targets: list[str], exclude: list[str], reserved: set[str]):
     """Normalisation layers (BatchNorm, SyncBN, LayerNorm, GroupNorm, InstanceNorm with
     affine or running statistics) under ``targets``, for task-specific normalisation."""
-    from ..branches.owned import owned_tensor_names
-
-    modules = dict(base_modules(model))
-    modules.pop("", None)
+    modules = _submodules(model)
     paths = list(modules)
     roots = _match(model, paths, "targets", targets)
     excluded = _match(model, paths, "exclude", exclude) | set(reserved)
