@@ -302,3 +302,28 @@ def test_same_name_with_another_cfg_is_refused(trained, tmp_path):
     assert_same(before, model)
     load_patch(model, trained["path"], name="voc2", activate=False)
     assert patch_names(model) == ["voc", "voc2"] and model.__dict__["_mmdelta_active"] == "voc"
+
+
+def test_base_fingerprint_is_cached_until_a_base_tensor_changes(trained):
+    from mmdelta.patching import files
+
+    model = fresh_base(trained)
+    calls = []
+    original = files._hash_state
+
+    def counting(state, values):
+        calls.append(values)
+        return original(state, values)
+
+    files._hash_state = counting
+    try:
+        first = files.base_fingerprint(model)
+        assert files.base_fingerprint(model) == first and calls == [True]  # cached
+        with torch.no_grad():
+            model.backbone.conv1.weight[0, 0, 0, 0] += 1  # in place: the version moves
+        assert files.base_fingerprint(model) != first and calls == [True, True]
+        model.backbone.conv1.weight = torch.nn.Parameter(model.backbone.conv1.weight.clone())
+        files.base_fingerprint(model)  # a replaced tensor object is noticed too
+        assert calls == [True, True, True]
+    finally:
+        files._hash_state = original

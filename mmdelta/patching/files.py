@@ -28,6 +28,7 @@ from .apply import attach_patch, build_patch
 from .config import DeltaPatchConfigError
 from .slot import iter_slots
 from .state import active_patch, base_state_dict, patch_configs, patch_names, set_active_patch
+from .targets import base_modules
 
 FORMAT = "mmdelta-patch"
 FORMAT_VERSION = "1"
@@ -48,20 +49,29 @@ def _hash_state(state: dict, values: bool) -> str:
     return digest.hexdigest()
 
 
-def base_architecture(model: nn.Module) -> str:
-    """Hash of the base state dict's names, shapes and dtypes (the architecture)."""
-    return _hash_state(base_state_dict(model), values=False)
+def base_architecture(model: nn.Module, state: dict | None = None) -> str:
+    """Hash of the base state dict's names, shapes and dtypes (the architecture); ``state``
+    is ``base_state_dict(model)`` where the caller has it already."""
+    return _hash_state(base_state_dict(model) if state is None else state, values=False)
 
 
-def base_fingerprint(model: nn.Module) -> str:
-    """Hash of the base state dict's values (cached while no base tensor changes)."""
-    state = base_state_dict(model)
-    key = tuple((k, id(t), t._version) for k, t in state.items())
+def base_fingerprint(model: nn.Module, state: dict | None = None) -> str:
+    """Hash of the base state dict's values, cached on the model while no base tensor is
+    replaced or written (keyed on the parameter / buffer objects and their versions; the
+    cache holds them, so their ids stay theirs)."""
+    tensors = [
+        t
+        for _, module in base_modules(model)
+        for t in (*module._parameters.values(), *module._buffers.values())
+        if t is not None
+    ]
+    key = tuple((id(t), t._version) for t in tensors)
     cached = model.__dict__.get("_mmdelta_fingerprint")
     if cached is None or cached[0] != key:
-        cached = (key, _hash_state(state, values=True))
+        state = base_state_dict(model) if state is None else state
+        cached = (key, tensors, _hash_state(state, values=True))
         model.__dict__["_mmdelta_fingerprint"] = cached
-    return cached[1]
+    return cached[2]
 
 
 def _patch_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
@@ -104,6 +114,7 @@ def save_patch(model: nn.Module, path, name: str | None = None, overwrite: bool 
         k: t.detach().cpu().contiguous().clone() for k, t in _patch_tensors(model, name).items()
     }
     cfg = patch_configs(model)[name]
+    base = base_state_dict(model)
     metadata = {
         "mmdelta.format": FORMAT,
         "mmdelta.format_version": FORMAT_VERSION,
@@ -111,10 +122,10 @@ def save_patch(model: nn.Module, path, name: str | None = None, overwrite: bool 
         "mmdelta.name": name,
         "mmdelta.cfg": json.dumps(cfg, sort_keys=True),
         "mmdelta.classes": json.dumps(cfg.get("classes")),
-        "mmdelta.base_architecture": base_architecture(model),
-        "mmdelta.base_fingerprint": base_fingerprint(model),
+        "mmdelta.base_architecture": base_architecture(model, base),
+        "mmdelta.base_fingerprint": base_fingerprint(model, base),
         "mmdelta.base_model": type(model).__name__,
-        "mmdelta.base_params": str(sum(t.numel() for t in base_state_dict(model).values())),
+        "mmdelta.base_params": str(sum(t.numel() for t in base.values())),
     }
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -207,15 +218,16 @@ def load_patch(
     metadata, tensors = read_patch_file(path)
     cfg = json.loads(metadata["mmdelta.cfg"])
     name = name if name is not None else metadata.get("mmdelta.name", cfg.get("name"))
-    if metadata.get("mmdelta.base_architecture") != base_architecture(model):
+    base = base_state_dict(model)
+    if metadata.get("mmdelta.base_architecture") != base_architecture(model, base):
         raise PatchFileError(
             f"{path} was built for another base model: {metadata.get('mmdelta.base_model')} "
             f"with {int(metadata.get('mmdelta.base_params', 0)):,} parameters, while this is a "
             f"{type(model).__name__} with "
-            f"{sum(t.numel() for t in base_state_dict(model).values()):,} (the state dicts' "
+            f"{sum(t.numel() for t in base.values()):,} (the state dicts' "
             "names or shapes differ)"
         )
-    if check_base and metadata.get("mmdelta.base_fingerprint") != base_fingerprint(model):
+    if check_base and metadata.get("mmdelta.base_fingerprint") != base_fingerprint(model, base):
         raise PatchFileError(
             f"{path} was trained on other base weights than this model holds (same "
             "architecture, different values): load the base checkpoint it was trained on, or "
