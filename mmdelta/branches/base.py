@@ -114,6 +114,22 @@ class DeltaBranch(nn.Module):
         Returns new tensors; never modifies the layer."""
         raise NotImplementedError(f"{type(self).__name__} cannot be folded into its layer")
 
+    def folded_forward(
+        self,
+        layer: nn.Module,
+        fold: Callable[[nn.Module], dict[str, torch.Tensor]],
+        args: tuple,
+        kwargs: dict,
+    ) -> torch.Tensor:
+        """The layer's own forward computed with ``fold(layer)`` (its tensors with this branch
+        folded in): recomputed on every call while gradients may be needed, folded once and
+        cached for inference (eval mode under ``torch.no_grad()``)."""
+        if self.training or torch.is_grad_enabled():
+            tensors = fold(layer)
+        else:
+            tensors = self.cached_fold(layer, lambda: fold(layer))
+        return call_with_tensors(layer, tensors, args, kwargs)
+
     def cached_fold(self, layer: nn.Module, fold: Callable[[], dict]) -> dict:
         """``fold()`` (the layer's tensors with this branch folded in), computed once and
         reused until a parameter of the branch or the layer changes (tensor versions)."""

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import DELTA_BRANCHES
-from .base import DeltaBranch, LayerTooSmall, call_with_tensors
+from .base import DeltaBranch, LayerTooSmall
 
 
 @DELTA_BRANCHES.register_module()
@@ -146,11 +146,7 @@ class LowRankDelta(DeltaBranch):
         inference = not (self.training or torch.is_grad_enabled())
         if self.compute == "branch" or (self.compute == "auto" and not inference):
             return super().patched_forward(layer, base_forward, args, kwargs)
-        if inference:
-            tensors = self.cached_fold(layer, lambda: self._fold(layer))
-        else:
-            tensors = self._fold(layer)
-        return call_with_tensors(layer, tensors, args, kwargs)
+        return self.folded_forward(layer, self._fold, args, kwargs)
 
     def _fold(self, layer: nn.Module) -> dict[str, torch.Tensor]:
         return {"weight": layer.weight + self.delta_weight().to(layer.weight.dtype)}

@@ -5,7 +5,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..registry import DELTA_BRANCHES
-from .base import DeltaBranch, call_with_tensors
+from .base import DeltaBranch
 
 #: layer types whose ``weight`` has the output channels along dim 0 and whose output is
 #: linear in (weight, bias) per output channel.
@@ -98,11 +98,7 @@ class ScaleShiftDelta(DeltaBranch):
         )
 
     def patched_forward(self, layer, base_forward, args, kwargs):
-        if self.training or torch.is_grad_enabled():
-            tensors = self._tensors(layer)
-        else:  # inference: fold once, reuse until γ, β or the layer change
-            tensors = self.cached_fold(layer, lambda: self._tensors(layer))
-        return call_with_tensors(layer, tensors, args, kwargs)
+        return self.folded_forward(layer, self._tensors, args, kwargs)
 
     def merged_tensors(self, layer: nn.Module) -> dict[str, torch.Tensor]:
         with torch.no_grad():
