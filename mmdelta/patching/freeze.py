@@ -21,14 +21,10 @@ import types
 
 from torch import nn
 
+from ..branches.owned import tracks_running_stats
 from .slot import iter_slots
 from .state import active_patch
 from .targets import base_modules
-
-
-def _tracks_running_stats(module: nn.Module) -> bool:
-    buffers = module._buffers
-    return buffers.get("running_mean") is not None or buffers.get("running_var") is not None
 
 
 def enforce_frozen_base(model: nn.Module, mode: bool | None = None) -> None:
@@ -42,7 +38,7 @@ def enforce_frozen_base(model: nn.Module, mode: bool | None = None) -> None:
     for _, module in base_modules(model):
         for param in module.parameters(recurse=False):
             param.requires_grad_(False)
-        if _tracks_running_stats(module):
+        if tracks_running_stats(module):
             module.train(False)
     selected = active_patch(model)
     for _, slot in iter_slots(model):
