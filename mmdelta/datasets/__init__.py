@@ -1,0 +1,1 @@
+"""Datasets: checks that a config's data is where it says, and generated data for tests."""
