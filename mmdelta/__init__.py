@@ -23,6 +23,7 @@ from .patching import (
     set_active_patch,
 )
 from .registry import DELTA_BRANCHES
+from .runner import DeltaPatchHook, DeltaRunner
 
 __version__ = "0.1.0"
 
@@ -31,6 +32,8 @@ __all__ = [
     "BlockDelta",
     "DeltaBranch",
     "DeltaPatchConfigError",
+    "DeltaPatchHook",
+    "DeltaRunner",
     "LowRankDelta",
     "PatchFileError",
     "PatchOwned",

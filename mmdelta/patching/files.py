@@ -133,6 +133,9 @@ def save_patch(model: nn.Module, path, name: str | None = None, overwrite: bool 
         save_file(tensors, tmp, metadata=metadata)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        umask = os.umask(0)  # mkstemp makes 0600 files: give the patch the usual mode
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,1 +1,18 @@
-"""MMEngine integration: the runner that applies ``delta_patch`` while building the model."""
+"""MMEngine integration: the runner that applies ``delta_patch`` while building the model.
+
+Importing :mod:`mmdelta` registers :class:`DeltaRunner` (``runner_type='DeltaRunner'``) and
+:class:`DeltaPatchHook` in MMEngine's root registries, which mmdet's and mmseg's inherit.
+"""
+
+from .checkpoint import CheckpointError, mmengine_checkpoints, read_checkpoint
+from .delta_runner import PATCH_FILE_KEY, DeltaRunner
+from .hooks import DeltaPatchHook
+
+__all__ = [
+    "PATCH_FILE_KEY",
+    "CheckpointError",
+    "DeltaPatchHook",
+    "DeltaRunner",
+    "mmengine_checkpoints",
+    "read_checkpoint",
+]

@@ -1,0 +1,131 @@
+"""Patched models for inference: the counterparts of ``init_detector`` / ``init_model``.
+
+Upstream's ``init_detector`` (mmdet), ``init_model`` (mmseg) and their Inferencers load
+checkpoints with ``strict=False``: Δ tensors in a checkpoint are silently dropped, and a
+config's ``delta_patch`` key is ignored. :func:`init_patched_model` builds the model, loads
+the base (every key checked), then the patch — from patch files, or from the Δ tensors of
+a training checkpoint — and raises when there is no patch to apply.
+:func:`patched_inferencer` is ``DetInferencer`` / ``MMSegInferencer`` on such a model.
+"""
+
+import copy
+from collections.abc import Sequence
+from pathlib import Path
+
+from mmengine.config import Config
+from mmengine.model import revert_sync_batchnorm
+from mmengine.registry import MODELS, init_default_scope
+from torch import nn
+
+from ..patching import active_patch, apply_delta_patch, load_patch, set_active_patch
+from ..runner.checkpoint import (
+    base_key_report,
+    load_base_state,
+    load_patch_state,
+    read_checkpoint,
+    split_delta,
+    state_dict_of,
+)
+from ..runner.model_setup import dataset_meta_of, null_pretrained, owned_paths
+
+
+class PatchNotFoundError(ValueError):
+    """Asked for a patched model, but nothing says which patch."""
+
+
+def _config(config) -> Config:
+    if isinstance(config, str | Path):
+        if not Path(config).is_file():
+            raise FileNotFoundError(f"config file {str(config)!r} does not exist")
+        return Config.fromfile(str(config))
+    return copy.deepcopy(config)
+
+
+def init_patched_model(
+    config,
+    checkpoint: str,
+    patch: str | Path | Sequence[str | Path] | None = None,
+    device: str = "cpu",
+    cfg_options: dict | None = None,
+) -> nn.Module:
+    """An mmdet / mmseg model (the config's ``default_scope``) carrying its Δ-patch, in eval.
+
+    Args:
+        config: config file or ``Config``.
+        checkpoint: the base checkpoint, or a training checkpoint holding Δ tensors.
+        patch: one or more patch files; the first is active, the others are loaded
+            inactive (``set_active_patch`` switches). ``None``: the checkpoint's Δ tensors,
+            for the config's ``delta_patch``.
+
+    Raises:
+        PatchNotFoundError: ``patch`` is None and the checkpoint holds no Δ tensors (or the
+            config has no ``delta_patch``): use upstream's ``init_detector`` /
+            ``init_model`` for the plain base.
+        CheckpointError, PatchFileError, DeltaPatchConfigError: as their messages say.
+    """
+    cfg = _config(config)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    null_pretrained(cfg.model)
+    if cfg.model.get("data_preprocessor") is None and cfg.get("data_preprocessor"):
+        cfg.model.data_preprocessor = cfg.data_preprocessor
+    init_default_scope(cfg.get("default_scope", "mmdet"))
+    model = revert_sync_batchnorm(MODELS.build(cfg.model))
+    model.cfg = cfg  # what the Inferencers and visualisers read
+    loaded = read_checkpoint(str(checkpoint))
+    base, delta = split_delta(state_dict_of(loaded))
+    patch_cfg = cfg.get("delta_patch")
+    owned = []
+    if patch is None and patch_cfg is not None and base_key_report(model, base)[0]:
+        owned = owned_paths(model, patch_cfg)
+    load_base_state(model, base, f"checkpoint {checkpoint}", owned)
+    meta = dataset_meta_of(loaded)
+    if meta is not None:
+        model.dataset_meta = meta
+    if patch is not None:
+        files = [patch] if isinstance(patch, str | Path) else list(patch)
+        names = [load_patch(model, f, activate=False) for f in files]
+        set_active_patch(model, names[0])
+    elif patch_cfg is not None and delta:
+        apply_delta_patch(model, patch_cfg)
+        load_patch_state(model, active_patch(model), delta, str(checkpoint))
+    else:
+        raise PatchNotFoundError(
+            "no patch to apply: pass patch='….safetensors'"
+            + (
+                f" ({checkpoint} holds no Δ tensors)"
+                if patch_cfg is not None
+                else " (the config has no delta_patch and"
+                f" {checkpoint} holds no Δ tensors it could describe)"
+            )
+            + "; for the plain base model use mmdet.apis.init_detector / mmseg.apis.init_model"
+        )
+    return model.to(device).eval()
+
+
+def patched_inferencer(
+    config,
+    checkpoint: str,
+    patch: str | Path | Sequence[str | Path] | None = None,
+    device: str = "cpu",
+    **kwargs,
+):
+    """``DetInferencer`` (mmdet configs) or ``MMSegInferencer`` (mmseg) on a patched model.
+
+    Same arguments as :func:`init_patched_model`; ``kwargs`` go to the Inferencer. The
+    visualiser takes the class names of the patch active at construction.
+    """
+    cfg = _config(config)
+    scope = cfg.get("default_scope", "mmdet")
+    if scope == "mmdet":
+        from mmdet.apis import DetInferencer as Inferencer
+    elif scope == "mmseg":
+        from mmseg.apis import MMSegInferencer as Inferencer
+    else:
+        raise ValueError(f"patched_inferencer: no Inferencer for default_scope {scope!r}")
+
+    class PatchedInferencer(Inferencer):
+        def _init_model(self, cfg, weights, device="cpu"):
+            return init_patched_model(cfg, weights, patch, device)
+
+    return PatchedInferencer(model=cfg, weights=checkpoint, device=device, **kwargs)

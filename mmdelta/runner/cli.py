@@ -1,0 +1,67 @@
+"""What ``tools/train.py`` and ``tools/test.py`` share: config loading and runner choice."""
+
+import os
+import os.path as osp
+
+from mmengine.config import Config, ConfigDict
+from mmengine.registry import RUNNERS
+from mmengine.runner import Runner
+
+from .delta_runner import PATCH_FILE_KEY, DeltaRunner
+
+
+def load_config(path: str, cfg_options: dict | None, work_dir: str | None, launcher: str):
+    """The config at ``path`` with command-line overrides; ``work_dir`` defaults as upstream."""
+    if not osp.isfile(path):
+        raise SystemExit(f"config file {path!r} does not exist")
+    cfg = Config.fromfile(path)
+    cfg.launcher = launcher
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    if work_dir is not None:
+        cfg.work_dir = work_dir
+    elif cfg.get("work_dir") is None:
+        cfg.work_dir = osp.join("./work_dirs", osp.splitext(osp.basename(path))[0])
+    return cfg
+
+
+def set_local_rank(local_rank: int) -> None:
+    os.environ.setdefault("LOCAL_RANK", str(local_rank))
+
+
+def resolve_resume(cfg, resume: str | None) -> None:
+    """``--resume`` (latest checkpoint of the work_dir) or ``--resume PATH``.
+
+    Unlike upstream, ``--resume`` without a checkpoint in the work_dir keeps ``load_from``
+    (the base) and starts afresh, instead of silently starting from an unloaded base.
+    """
+    if resume is None:
+        return
+    if resume != "auto":
+        cfg.resume, cfg.load_from = True, resume
+        return
+    last = osp.join(cfg.work_dir, "last_checkpoint")
+    if osp.exists(last):
+        with open(last) as f:
+            cfg.resume, cfg.load_from = True, f.read().strip()
+    else:
+        print(f"mmdelta: nothing to resume in {cfg.work_dir}; starting from the base")
+
+
+def add_tta(cfg) -> None:
+    """Wraps the model in the config's ``tta_model`` and uses its ``tta_pipeline``."""
+    missing = [k for k in ("tta_model", "tta_pipeline") if k not in cfg]
+    if missing:
+        raise SystemExit(f"--tta needs {' and '.join(missing)} in the config")
+    cfg.model = ConfigDict(**cfg.tta_model, module=cfg.model)
+    cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
+
+
+def build_runner(cfg) -> Runner:
+    """``DeltaRunner`` when the config carries a patch; otherwise what upstream would build."""
+    if cfg.get("delta_patch") is not None or cfg.get(PATCH_FILE_KEY):
+        cfg.pop("runner_type", None)
+        return DeltaRunner.from_cfg(cfg)
+    if "runner_type" in cfg:
+        return RUNNERS.build(cfg)
+    return Runner.from_cfg(cfg)
