@@ -1,0 +1,72 @@
+"""Hooks the end-to-end tests add to runs of tools/train.py (imported via custom_imports).
+
+* ``KillAfterIter``: SIGKILLs the process after iteration ``at`` (after its checkpoint hook),
+  the way a crash or a pre-empted job ends a run.
+* ``DeltaProbe``: per rank, writes which parameters require grad and which changed during
+  training, and a fingerprint of the base state dict, to ``<out_dir>/rank<r>.json``.
+"""
+
+import hashlib
+import json
+import os
+import signal
+from pathlib import Path
+
+from mmengine.hooks import Hook
+from mmengine.registry import HOOKS
+
+from mmdelta import base_state_dict
+from mmdelta.runner.model_setup import patch_root
+
+
+def fingerprint(state: dict) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(state[key].detach().cpu().contiguous().view(-1).view("uint8").numpy())
+    return digest.hexdigest()
+
+
+@HOOKS.register_module()
+class KillAfterIter(Hook):
+    priority = "LOWEST"  # after CheckpointHook (VERY_LOW)
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        if runner.iter + 1 == self.at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+@HOOKS.register_module()
+class DeltaProbe(Hook):
+    priority = "LOWEST"
+
+    def __init__(self, out_dir: str):
+        self.out_dir = Path(out_dir)
+        self.start: dict = {}
+
+    def before_train(self, runner):
+        model = patch_root(runner.model)
+        self.start = {k: p.detach().clone() for k, p in model.named_parameters()}
+
+    def after_run(self, runner):
+        model = patch_root(runner.model)
+        params = dict(model.named_parameters())
+        changed = sorted(k for k, p in params.items() if not p.detach().equal(self.start[k]))
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / f"rank{runner.rank}.json").write_text(
+            json.dumps(
+                dict(
+                    world_size=runner.world_size,
+                    wrapped=type(runner.model).__name__,
+                    requires_grad=sorted(k for k, p in params.items() if p.requires_grad),
+                    changed=changed,
+                    base_fingerprint=fingerprint(base_state_dict(model)),
+                    delta_fingerprint=fingerprint(
+                        {k: v for k, v in model.state_dict().items() if ".delta." in k}
+                    ),
+                )
+            )
+        )
