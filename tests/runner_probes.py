@@ -12,6 +12,7 @@ import os
 import signal
 from pathlib import Path
 
+import torch
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 
@@ -23,7 +24,9 @@ def fingerprint(state: dict) -> str:
     digest = hashlib.sha256()
     for key in sorted(state):
         digest.update(key.encode())
-        digest.update(state[key].detach().cpu().contiguous().view(-1).view("uint8").numpy())
+        digest.update(
+            state[key].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        )
     return digest.hexdigest()
 
 

@@ -12,6 +12,7 @@ patch; a plain base checkpoint is evaluated exactly as the base, the patch switc
 
 import argparse
 import json
+import numbers
 import warnings
 
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated")  # mmengine 0.10.7
@@ -53,7 +54,11 @@ def main(argv=None) -> dict:
         runner.test_evaluator.metrics.append(DumpResults(out_file_path=args.out))
     metrics = runner.test()
     if args.metrics_out:
-        scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+        scalars = {
+            k: float(v)
+            for k, v in metrics.items()
+            if isinstance(v, numbers.Real) or getattr(v, "ndim", None) == 0
+        }
         with open(args.metrics_out, "w") as f:
             json.dump(scalars, f, indent=2)
     return metrics

@@ -31,17 +31,19 @@ numbers are the base's by construction). Every checkpoint gets the patch file be
 """
 
 import copy
+import datetime
 import os
 import os.path as osp
 
 import torch
-from mmengine.dist import master_only
+from mmengine.dist import is_distributed, master_only
 from mmengine.model import convert_sync_batchnorm, revert_sync_batchnorm
 from mmengine.registry import MODEL_WRAPPERS, RUNNERS
 from mmengine.runner import Runner
 from mmengine.runner.checkpoint import _load_checkpoint_to_model
 from torch import nn
 
+from ..datasets.paths import check_dataset_paths
 from ..patching import (
     active_patch,
     apply_delta_patch,
@@ -80,13 +82,23 @@ class DeltaRunner(Runner):
         return self.cfg.get("delta_patch") is not None or bool(self.cfg.get(PATCH_FILE_KEY))
 
     def setup_env(self, env_cfg: dict) -> None:
-        if self.distributed and not torch.cuda.is_available():
+        if self.distributed and not torch.cuda.is_available() and not is_distributed():
+            # mmengine's init_dist calls torch.cuda.set_device and the configs ask for nccl
             dist_cfg = dict(env_cfg.get("dist_cfg") or {})
-            if dist_cfg.get("backend", "nccl") != "gloo":
-                self._cpu_notes = [
-                    f"no GPU: distributed backend {dist_cfg.get('backend', 'nccl')!r} -> 'gloo'"
-                ]
-                env_cfg = {**env_cfg, "dist_cfg": {**dist_cfg, "backend": "gloo"}}
+            self._cpu_notes = [
+                f"no GPU: distributed backend {dist_cfg.get('backend', 'nccl')!r} -> 'gloo', "
+                f"launcher {self.launcher!r}"
+            ]
+            if self.launcher != "pytorch":
+                raise RuntimeError(
+                    f"CPU distributed training supports launcher='pytorch' (torchrun), not "
+                    f"{self.launcher!r}"
+                )
+            timeout = dist_cfg.get("timeout")
+            torch.distributed.init_process_group(
+                backend="gloo",
+                **({"timeout": datetime.timedelta(seconds=timeout)} if timeout else {}),
+            )
         super().setup_env(env_cfg)
 
     def wrap_model(self, model_wrapper_cfg, model: nn.Module):
@@ -247,8 +259,6 @@ class DeltaRunner(Runner):
 
     # ----------------------------------------------------------------- entry points
     def _check_data(self, *loaders: str) -> None:
-        from ..datasets.paths import check_dataset_paths
-
         check_dataset_paths(self.cfg, loaders)
 
     def train(self) -> nn.Module:
