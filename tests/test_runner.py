@@ -113,7 +113,7 @@ def test_missing_and_truncated_checkpoints(tmp_path):
     buffer = io.BytesIO()
     torch.save(_mmengine_checkpoint(), buffer)
     (tmp_path / "cut.pth").write_bytes(buffer.getvalue()[:200])
-    with pytest.raises(CheckpointError, match="cut.pth"):
+    with pytest.raises(CheckpointError, match=r"cut\.pth"):
         read_checkpoint(str(tmp_path / "cut.pth"))
 
 
