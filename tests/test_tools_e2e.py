@@ -199,6 +199,16 @@ def test_segmentation_train_test(tmp_path):
     metrics = {n: json.loads((tmp_path / f"{n}.json").read_text()) for n in ("plain", "off")}
     assert metrics["plain"] == metrics["off"] and "mIoU" in metrics["off"]
 
+    # mmseg's own tools/test.py ignores runner_type: a patched config must not run there
+    import mmseg
+
+    mmseg_test = Path(mmseg.__file__).parent / ".mim" / "tools" / "test.py"
+    proc = run_tool(
+        mmseg_test, SEG_CONFIG, work / "iter_6.pth", "--work-dir", tmp_path / "mmseg",
+        "--cfg-options", *opts, check=False,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "ignores it and would use the unpatched model" in proc.stderr
+
 
 def test_cpu_ddp_two_processes(det):
     """torchrun, 2 CPU processes, gloo: only Δ trains, the base stays bitwise on both ranks."""
@@ -254,14 +264,26 @@ def test_mmdet_own_tools(det):
     tmp, base, opts = det["tmp"], det["base"], det["opts"]
     work = tmp / "mmdet_tools"
     config = derived_config(
-        tmp, "mmdet_tools", DET_CONFIG, "train_cfg = dict(max_iters=3, val_interval=100)"
+        tmp,
+        "mmdet_tools",
+        DET_CONFIG,
+        "train_cfg = dict(max_iters=3, val_interval=3)\n"
+        # the base task's own validation set, evaluated with the patch off at every evaluation
+        "custom_hooks = [dict(type='DeltaPatchHook', "
+        "base_val_dataloader={{_base_.val_dataloader}}, "
+        "base_val_evaluator={{_base_.val_evaluator}})]",
     )
+    base_val = f"custom_hooks.0.base_val_dataloader.dataset.data_root={det['data']}"
     run_tool(
-        tools / "train.py", config, "--work-dir", work, "--cfg-options", f"load_from={base}", *opts
-    )
+        tools / "train.py", config, "--work-dir", work, "--cfg-options", f"load_from={base}",
+        base_val, *opts,
+    )  # fmt: skip
     assert (work / "tiny.patch.safetensors").exists() and (
         work / "iter_3.patch.safetensors"
     ).exists()
+    log = max(work.glob("*/*.log"), key=lambda p: p.stat().st_mtime).read_text()
+    assert "| base task (patch off): pascal_voc/mAP" in log
+    assert '"base/pascal_voc/mAP"' in (max(work.glob("*/vis_data/scalars.json"))).read_text()
     out = tmp / "mmdet_test.pkl"
     run_tool(
         tools / "test.py",

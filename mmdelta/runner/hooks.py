@@ -13,6 +13,7 @@ import torch
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 
+from ..datasets.paths import check_dataset_paths
 from ..patching import delta_disabled
 from .model_setup import patch_root
 
@@ -42,6 +43,13 @@ class DeltaPatchHook(Hook):
                 "model. mmseg's tools/test.py ignores `runner_type`: use mmdelta's "
                 "`python tools/test.py CONFIG BASE_CHECKPOINT --patch PATCH` (or any tool "
                 "that honours runner_type='DeltaRunner' with custom_imports=['mmdelta'])."
+            )
+
+    def before_train(self, runner) -> None:
+        if self._loader_cfg is not None and isinstance(self._loader_cfg, dict):
+            # a missing base val set stops training now, not at the first evaluation
+            check_dataset_paths(
+                {"base_val_dataloader": self._loader_cfg}, ("base_val_dataloader",), ()
             )
 
     def after_val_epoch(self, runner, metrics=None) -> None:

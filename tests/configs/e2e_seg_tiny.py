@@ -89,6 +89,7 @@ randomness = dict(seed=0)
 
 delta_patch = dict(name="tiny")
 runner_type = "DeltaRunner"
+custom_hooks = [dict(type="DeltaPatchHook")]  # stops runners that ignore runner_type
 custom_imports = dict(
     imports=["mmdelta", "mmseg.datasets", "mmseg.evaluation", "mmseg.models"],
     allow_failed_imports=False,
