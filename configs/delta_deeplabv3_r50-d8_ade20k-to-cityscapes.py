@@ -15,7 +15,7 @@ load_from = "https://download.openmmlab.com/mmsegmentation/v0.5/deeplabv3/deepla
 
 runner_type = "DeltaRunner"
 custom_imports = dict(imports=["mmdelta"], allow_failed_imports=False)
-# applies the patch when a tool ignores `runner_type` (mmseg's tools/test.py)
+# stops tools that ignore `runner_type` (mmseg's tools/test.py) from running an unpatched model
 custom_hooks = [dict(type="DeltaPatchHook")]
 
 model = dict(decode_head=dict(num_classes=150), auxiliary_head=dict(num_classes=150))

@@ -16,7 +16,7 @@ load_from = "https://download.openmmlab.com/mmdetection/v2.0/convnext/mask_rcnn_
 
 runner_type = "DeltaRunner"
 custom_imports = dict(imports=["mmdelta", "mmpretrain.models"], allow_failed_imports=False)
-# applies the patch when a tool ignores `runner_type` (mmseg's tools/test.py)
+# stops tools that ignore `runner_type` (mmseg's tools/test.py) from running an unpatched model
 custom_hooks = [dict(type="DeltaPatchHook")]
 
 # the zoo model's ConvNeXt-T, without its ImageNet init: every backbone weight comes from

@@ -18,7 +18,7 @@ load_from = "https://download.openmmlab.com/mmdetection/v2.0/retinanet/retinanet
 
 runner_type = "DeltaRunner"
 custom_imports = dict(imports=["mmdelta"], allow_failed_imports=False)
-# applies the patch when a tool ignores `runner_type` (mmseg's tools/test.py)
+# stops tools that ignore `runner_type` (mmseg's tools/test.py) from running an unpatched model
 custom_hooks = [dict(type="DeltaPatchHook")]
 
 # (the class lists stay compact)

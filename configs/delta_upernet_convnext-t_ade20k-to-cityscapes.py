@@ -21,7 +21,7 @@ load_from = "https://download.openmmlab.com/mmsegmentation/v0.5/convnext/upernet
 
 runner_type = "DeltaRunner"
 custom_imports = dict(imports=["mmdelta", "mmpretrain.models"], allow_failed_imports=False)
-# applies the patch when a tool ignores `runner_type` (mmseg's tools/test.py)
+# stops tools that ignore `runner_type` (mmseg's tools/test.py) from running an unpatched model
 custom_hooks = [dict(type="DeltaPatchHook")]
 
 crop_size = (512, 1024)

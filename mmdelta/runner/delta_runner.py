@@ -32,8 +32,10 @@ numbers are the base's by construction). Every checkpoint gets the patch file be
 
 import copy
 import datetime
+import glob
 import os
 import os.path as osp
+import re
 
 import torch
 from mmengine.dist import is_distributed, master_only
@@ -246,6 +248,13 @@ class DeltaRunner(Runner):
         full = osp.join(out_dir, filename)
         stem = filename[: -len(".pth")] if filename.endswith(".pth") else filename
         self._write_patch(osp.join(out_dir, f"{stem}.patch.safetensors"), full)
+        # CheckpointHook(max_keep_ckpts) deletes old checkpoints: their patch files follow
+        for patch in glob.glob(osp.join(glob.escape(out_dir), "*.patch.safetensors")):
+            name = osp.basename(patch)[: -len(".patch.safetensors")]
+            if re.fullmatch(r"(iter|epoch)_\d+", name) and not osp.exists(
+                osp.join(out_dir, f"{name}.pth")
+            ):
+                os.remove(patch)
 
     def _write_patch(self, path: str, full_checkpoint: str | None = None) -> None:
         root = patch_root(self.model)
