@@ -268,6 +268,7 @@ def test_mmdet_own_tools(det):
         "mmdet_tools",
         DET_CONFIG,
         "train_cfg = dict(max_iters=3, val_interval=3)\n"
+        "default_hooks = dict(checkpoint=dict(interval=1, max_keep_ckpts=1))\n"
         # the base task's own validation set, evaluated with the patch off at every evaluation
         "custom_hooks = [dict(type='DeltaPatchHook', "
         "base_val_dataloader={{_base_.val_dataloader}}, "
@@ -281,6 +282,11 @@ def test_mmdet_own_tools(det):
     assert (work / "tiny.patch.safetensors").exists() and (
         work / "iter_3.patch.safetensors"
     ).exists()
+    # max_keep_ckpts=1: the patch files of deleted checkpoints went with them
+    assert sorted(p.name for p in work.glob("*.patch.safetensors")) == [
+        "iter_3.patch.safetensors",
+        "tiny.patch.safetensors",
+    ]
     log = max(work.glob("*/*.log"), key=lambda p: p.stat().st_mtime).read_text()
     assert "| base task (patch off): pascal_voc/mAP" in log
     assert '"base/pascal_voc/mAP"' in (max(work.glob("*/vis_data/scalars.json"))).read_text()

@@ -164,6 +164,7 @@ class DeltaRunner(Runner):
                 "load_from: start the run without --resume"
             )
         self._eval_patch = None
+        self._checkpoint_dirs: set[str] = set()  # where patch files sit beside checkpoints
         patch_file = self.cfg.get(PATCH_FILE_KEY)
         if patch_file:
             if delta_state:
@@ -248,13 +249,18 @@ class DeltaRunner(Runner):
         full = osp.join(out_dir, filename)
         stem = filename[: -len(".pth")] if filename.endswith(".pth") else filename
         self._write_patch(osp.join(out_dir, f"{stem}.patch.safetensors"), full)
-        # CheckpointHook(max_keep_ckpts) deletes old checkpoints: their patch files follow
-        for patch in glob.glob(osp.join(glob.escape(out_dir), "*.patch.safetensors")):
-            name = osp.basename(patch)[: -len(".patch.safetensors")]
-            if re.fullmatch(r"(iter|epoch)_\d+", name) and not osp.exists(
-                osp.join(out_dir, f"{name}.pth")
-            ):
-                os.remove(patch)
+        self._checkpoint_dirs.add(out_dir)
+        self._drop_orphan_patches()
+
+    def _drop_orphan_patches(self) -> None:
+        """CheckpointHook(max_keep_ckpts) deletes old checkpoints: their patch files follow."""
+        for out_dir in self._checkpoint_dirs:
+            for patch in glob.glob(osp.join(glob.escape(out_dir), "*.patch.safetensors")):
+                stem = osp.basename(patch)[: -len(".patch.safetensors")]
+                if re.fullmatch(r"(iter|epoch)_\d+", stem) and not osp.exists(
+                    osp.join(out_dir, f"{stem}.pth")
+                ):
+                    os.remove(patch)
 
     def _write_patch(self, path: str, full_checkpoint: str | None = None) -> None:
         root = patch_root(self.model)
@@ -281,6 +287,7 @@ class DeltaRunner(Runner):
 
     @master_only
     def _final_patch(self) -> None:
+        self._drop_orphan_patches()
         self._write_patch(osp.join(self.work_dir, f"{self._delta_name}.patch.safetensors"))
 
     def _select_for_eval(self) -> None:
