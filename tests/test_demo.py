@@ -1,60 +1,131 @@
-"""The README's demo command, end to end (a few steps)."""
+"""The README's main-job command (tools/demo.py) at the tiny size: report, pictures, exactness.
 
+The tiny size runs every step of the real demo (data, base training, two patches through
+DeltaRunner, evaluation, pictures, report) on a few images and iterations; the quality of
+the numbers is the full size's business (README), here only their consistency is checked.
+"""
+
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import pytest
+import torch
+
+from mmdelta.demo.evaluate import evaluate, first_difference
+from mmdelta.demo.report import TASK_FIELDS
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_demo_trains_a_patch_and_passes_the_exactness_check():
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "tools/demo.py"), "--steps", "4"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    out = proc.stdout
-    assert "FAILED" not in out
-    assert out.count("[ok]") == 6
-    assert "Δ fraction" in out and "backbone.layer4" in out and "neck.fpn_convs" in out
-
-
-@pytest.mark.slow
-def test_patch_summary_tool_on_an_upstream_config(tmp_path):
-    config = tmp_path / "retinanet.py"
-    config.write_text(
-        "_base_ = 'mmdet::retinanet/retinanet_r18_fpn_1x_coco.py'\n"
-        "model = dict(backbone=dict(init_cfg=None))\n"
-        "delta_patch = dict(targets=['backbone.layer4'], branch=dict(rank=4))\n"
-    )
+def _run_demo(task: str, out: Path, data: Path) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         [
             sys.executable,
-            str(ROOT / "tools/patch_summary.py"),
-            str(config),
-            "--json",
-            "--file-size",
+            str(ROOT / "tools/demo.py"),
+            "--task",
+            task,
+            "--size",
+            "tiny",
+            "--out",
+            str(out),
+            "--data",
+            str(data),
         ],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
+        cwd=ROOT,
     )
-    assert proc.returncode == 0, proc.stderr
-    import json
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
 
-    summary = json.loads(proc.stdout[proc.stdout.index("{") :])
-    assert set(summary["stages"]) == {"backbone.layer4"}
-    assert summary["branch"] == {
-        "type": "LowRankDelta",
-        "rank": 4,
-        "alpha": None,
-        "compute": "auto",
-    }
-    assert 0 < summary["delta_fraction"] < 0.05
-    assert 0 < summary["patch_bytes"] < 0.05 * summary["checkpoint_bytes"]
+
+def _check_report(out: Path, task: str) -> dict:
+    report = json.loads((out / "report.json").read_text())
+    assert report["story"] == task and report["size"] == "tiny"
+    assert {"date", "machine", "base", "tasks", "quality", "seconds", "curves"} <= set(report)
+    assert [t["task"] for t in report["tasks"]] == ["shifted", "newclasses"]
+    for row in report["tasks"]:
+        assert set(TASK_FIELDS) <= set(row), set(TASK_FIELDS) - set(row)
+        # the patch switched off gives the base's own predictions (compared image by image)
+        assert row["base_task"]["identical_predictions"] is True, row["base_task"]
+        assert row["base_task"]["patched_patch_off"] == row["base_task"]["base"]
+        assert 0 < row["delta_fraction"] < 0.05 and 0 < row["patch_fraction"] < 0.05
+        assert row["patch_bytes"] == os.path.getsize(row["patch_file"])
+        assert 0 < row["patch_to_checkpoint"] < 0.05
+        assert row["train_seconds"] > 0 and row["iterations"] == 2
+        assert len(row["pictures"]) == 2
+        for pic in row["pictures"]:
+            img = cv2.imread(pic)
+            assert img is not None and img.shape[1] > 2 * img.shape[0] * 0.9  # two panels
+    shifted, new = report["tasks"]
+    assert shifted["new_task"]["base"] is not None and new["new_task"]["base"] is None
+    assert new["classes"][-3:] == ["triangle", "ring", "cross"]
+    assert cv2.imread(report["curves"]) is not None
+    md = (out / "report.md").read_text()
+    assert "identical predictions" in md and "pictures/shifted_0.png" in md
+    return report
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["det", "seg"])
+def test_main_job_tiny_run(task, tmp_path):
+    out, data = tmp_path / "out", tmp_path / "data"
+    proc = _run_demo(task, out, data)
+    assert "eta" in proc.stdout + proc.stderr  # mmengine's progress log
+    report = _check_report(out, task)
+    assert report["base"]["cached"] is False
+
+    # independently of the job: the base and the patched model with its patch off predict
+    # the same on the base task's test set, prediction by prediction
+    from mmengine.config import Config
+
+    from mmdelta import delta_disabled
+    from mmdelta.apis import init_base_model, init_patched_model
+
+    shifted = report["tasks"][0]
+    prefix = "det" if task == "det" else "seg"
+    base_cfg = Config.fromfile(str(out / "base/train" / f"{prefix}_shapes_base.py"))
+    task_cfg = Config.fromfile(str(out / "shifted" / f"{prefix}_shapes_shifted.py"))
+    base = init_base_model(base_cfg, report["base"]["checkpoint"])
+    patched = init_patched_model(task_cfg, report["base"]["checkpoint"], shifted["patch_file"])
+    want = evaluate(base, base_cfg).predictions
+    with delta_disabled(patched):
+        got = evaluate(patched, base_cfg).predictions
+    assert first_difference(want, got) is None
+    assert first_difference(want, evaluate(patched, base_cfg).predictions) is not None
+
+    # a second run reuses the data and the base, retrains the patches
+    checkpoint = Path(report["base"]["checkpoint"])
+    stamp = checkpoint.stat().st_mtime_ns
+    _run_demo(task, out, data)
+    again = _check_report(out, task)
+    assert again["base"]["cached"] is True and checkpoint.stat().st_mtime_ns == stamp
+    assert again["base"]["metric"] == report["base"]["metric"]
+
+
+def test_first_difference_finds_one_changed_score_or_label():
+    from mmdet.structures import DetDataSample
+    from mmengine.structures import InstanceData
+
+    def sample(scores, labels):
+        s = DetDataSample(metainfo=dict(img_path="x.jpg"))
+        s.pred_instances = InstanceData(
+            bboxes=torch.zeros(len(scores), 4), scores=torch.tensor(scores), labels=labels
+        )
+        return s
+
+    a = [sample([0.9, 0.5], torch.tensor([0, 1])), sample([0.3], torch.tensor([2]))]
+    same = [sample([0.9, 0.5], torch.tensor([0, 1])), sample([0.3], torch.tensor([2]))]
+    assert first_difference(a, same) is None
+    score = [a[0], sample([0.3 + 1e-7], torch.tensor([2]))]
+    assert "image 1" in first_difference(a, score) and "scores" in first_difference(a, score)
+    label = [sample([0.9, 0.5], torch.tensor([0, 2])), a[1]]
+    assert "labels" in first_difference(a, label)
+    dtype = [sample([0.9, 0.5], torch.tensor([0, 1], dtype=torch.int32)), a[1]]
+    assert first_difference(a, dtype) is not None
+    assert "predictions" in first_difference(a, a[:1])

@@ -276,3 +276,24 @@ def test_bad_arguments():
         write_seg_dataset("/nonexistent/x", ("background", "disc"), 1, 1)
     with pytest.raises(TypeError):
         write_voc_dataset("/nonexistent/x", "square", 1, 1)
+
+
+def test_voc_folder_name_and_the_demo_config_load_it(tmp_path):
+    """The main job's data: sub-root 'shapes' (not VOC2007), read by its own base config."""
+    from mmdet.utils import register_all_modules
+
+    register_all_modules(init_default_scope=False)
+    root = Path(write_voc_dataset(tmp_path / "d", **VOC_ARGS, folder="shapes"))
+    assert not (root / "VOC2007").exists()
+    assert dataset_info(root)["folder"] == "shapes"
+    ann = ET.parse(next((root / "shapes" / "Annotations").glob("*.xml"))).getroot()
+    assert ann.find("folder").text == "shapes"
+    demo_cfg = Path(__file__).parents[1] / "configs/demo/det_shapes_base.py"
+    cfg, ds_cfg = _dataset_cfg(demo_cfg, "train_dataloader", root)
+    train = _build("mmdet", ds_cfg)
+    assert len(train) == 8 and train.metainfo["dataset_type"] is None  # own class names
+    assert len(train[0]["data_samples"].gt_instances) >= 1
+    # the default stays VOC2007 (and older caches of it stay valid: no 'folder' entry)
+    assert "folder" not in dataset_info(write_voc_dataset(tmp_path / "v", **VOC_ARGS))
+    with pytest.raises(ValueError, match="plain folder name"):
+        write_voc_dataset(tmp_path / "x", **VOC_ARGS, folder="a/b")

@@ -18,15 +18,8 @@ from mmengine.registry import MODELS, init_default_scope
 from torch import nn
 
 from ..patching import active_patch, apply_delta_patch, load_patch, set_active_patch
-from ..runner.checkpoint import (
-    base_key_report,
-    load_base_state,
-    load_patch_state,
-    read_checkpoint,
-    split_delta,
-    state_dict_of,
-)
-from ..runner.model_setup import dataset_meta_of, null_pretrained, owned_paths
+from ..runner.checkpoint import load_patch_state
+from ..runner.model_setup import load_base_checkpoint, null_pretrained
 
 
 class PatchNotFoundError(ValueError):
@@ -39,6 +32,41 @@ def _config(config) -> Config:
             raise FileNotFoundError(f"config file {str(config)!r} does not exist")
         return Config.fromfile(str(config))
     return copy.deepcopy(config)
+
+
+def _build(config, cfg_options: dict | None) -> tuple[nn.Module, Config]:
+    """The config's model, built un-initialised for a checkpoint (no ImageNet download)."""
+    cfg = _config(config)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    null_pretrained(cfg.model)
+    if cfg.model.get("data_preprocessor") is None and cfg.get("data_preprocessor"):
+        cfg.model.data_preprocessor = cfg.data_preprocessor
+    init_default_scope(cfg.get("default_scope", "mmdet"))
+    model = revert_sync_batchnorm(MODELS.build(cfg.model))
+    model.cfg = cfg  # what the Inferencers and visualisers read
+    return model, cfg
+
+
+def _load_base(model: nn.Module, checkpoint, patch_cfg) -> dict:
+    delta, meta = load_base_checkpoint(model, str(checkpoint), patch_cfg)
+    if meta is not None:
+        model.dataset_meta = meta
+    return delta
+
+
+def init_base_model(
+    config, checkpoint: str, device: str = "cpu", cfg_options: dict | None = None
+) -> nn.Module:
+    """The plain base model of ``config`` (no patch, ``delta_patch`` ignored), in eval.
+
+    Unlike upstream's ``init_detector`` / ``init_model`` every base key of ``checkpoint`` is
+    checked (missing, unexpected or mis-shaped keys raise ``CheckpointError``) and the file
+    is read with ``weights_only``. Δ tensors in the checkpoint are ignored.
+    """
+    model, _ = _build(config, cfg_options)
+    _load_base(model, checkpoint, None)
+    return model.to(device).eval()
 
 
 def init_patched_model(
@@ -63,25 +91,9 @@ def init_patched_model(
             ``init_model`` for the plain base.
         CheckpointError, PatchFileError, DeltaPatchConfigError: as their messages say.
     """
-    cfg = _config(config)
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
-    null_pretrained(cfg.model)
-    if cfg.model.get("data_preprocessor") is None and cfg.get("data_preprocessor"):
-        cfg.model.data_preprocessor = cfg.data_preprocessor
-    init_default_scope(cfg.get("default_scope", "mmdet"))
-    model = revert_sync_batchnorm(MODELS.build(cfg.model))
-    model.cfg = cfg  # what the Inferencers and visualisers read
-    loaded = read_checkpoint(str(checkpoint))
-    base, delta = split_delta(state_dict_of(loaded))
+    model, cfg = _build(config, cfg_options)
     patch_cfg = cfg.get("delta_patch")
-    owned = []
-    if patch is None and patch_cfg is not None and base_key_report(model, base)[0]:
-        owned = owned_paths(model, patch_cfg)
-    load_base_state(model, base, f"checkpoint {checkpoint}", owned)
-    meta = dataset_meta_of(loaded)
-    if meta is not None:
-        model.dataset_meta = meta
+    delta = _load_base(model, checkpoint, patch_cfg if patch is None else None)
     if patch is not None:
         files = [patch] if isinstance(patch, str | Path) else list(patch)
         names = [load_patch(model, f, activate=False) for f in files]

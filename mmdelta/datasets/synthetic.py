@@ -477,6 +477,7 @@ def write_voc_dataset(
     object_size: Sequence[float] = (0.15, 0.45),
     max_overlap: float = 0.3,
     shapes: Mapping[str, str] | None = None,
+    folder: str = "VOC2007",
 ) -> str:
     """Write (or find cached) a PASCAL VOC 2007 tree under ``root``; returns ``str(root)``.
 
@@ -486,8 +487,13 @@ def write_voc_dataset(
     class ``classes[i % len(classes)]`` (so every class appears once a split has
     ``len(classes)`` images) plus random others. ``image_size`` is ``(h, w)``;
     ``object_size`` is the range of an object's longer side as a fraction of
-    ``min(h, w)``; see the module docstring for styles and caching.
+    ``min(h, w)``; see the module docstring for styles and caching. ``folder`` names the
+    tree's sub-root (``data_prefix.sub_data_root``): mmdet's ``VOCDataset`` and ``VOCMetric``
+    treat a sub-root containing ``VOC2007`` as the real VOC and print VOC's class names in
+    the metric table, so a dataset of other classes reads better under another name.
     """
+    if not folder or "/" in folder or folder in (".", ".."):
+        raise ValueError(f"folder {folder!r} must be one plain folder name")
     params = _common_params(
         "voc",
         classes,
@@ -502,9 +508,11 @@ def write_voc_dataset(
         shapes,
     )
     params["classes"] = list(params["object_classes"])
+    if folder != "VOC2007":  # (older caches have no entry: the default)
+        params["folder"] = folder
 
     def write(tmp: Path) -> None:
-        voc = tmp / "VOC2007"
+        voc = tmp / folder
         for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
             (voc / sub).mkdir(parents=True)
         h, w = params["image_size"]
@@ -522,7 +530,11 @@ def write_voc_dataset(
                 (voc / "JPEGImages" / f"{img_id}.jpg").write_bytes(_encode(".jpg", img))
                 (voc / "Annotations" / f"{img_id}.xml").write_text(
                     _voc_xml(
-                        img_id, w, h, [(params["classes"][o["label"]], o["box"]) for o in objects]
+                        img_id,
+                        w,
+                        h,
+                        [(params["classes"][o["label"]], o["box"]) for o in objects],
+                        folder,
                     ),
                     encoding="utf-8",
                 )
@@ -533,10 +545,12 @@ def write_voc_dataset(
     return _generate(Path(root), params, write)
 
 
-def _voc_xml(img_id: str, width: int, height: int, objects: list[tuple[str, tuple]]) -> str:
+def _voc_xml(
+    img_id: str, width: int, height: int, objects: list[tuple[str, tuple]], folder: str
+) -> str:
     lines = [
         "<annotation>",
-        "\t<folder>VOC2007</folder>",
+        f"\t<folder>{escape(folder)}</folder>",
         f"\t<filename>{img_id}.jpg</filename>",
         "\t<source>",
         "\t\t<database>mmdelta synthetic shapes</database>",

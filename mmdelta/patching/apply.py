@@ -9,7 +9,7 @@ from torch import nn
 
 from ..branches import LayerTooSmall, PatchOwned
 from ..registry import DELTA_BRANCHES
-from .classes import ClassChange, default_head_layers, plan_class_change
+from .classes import ClassChange, base_class_names, default_head_layers, plan_class_change
 from .config import DeltaPatchConfigError, resolve_config
 from .freeze import install_train_guard
 from .slot import slot_of
@@ -68,7 +68,7 @@ def build_patch(model: nn.Module, cfg: Mapping | None, name: str | None = None) 
             "the base's rows for the same class"
             + (
                 ""
-                if resolved["base_classes"] or matched
+                if resolved["base_classes"] or matched or base_class_names(model)
                 else " (the base's class names are unknown: set delta_patch.base_classes)"
             ),
             logger="current",

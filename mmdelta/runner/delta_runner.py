@@ -54,16 +54,8 @@ from ..patching import (
     save_patch,
     set_active_patch,
 )
-from .checkpoint import (
-    CheckpointError,
-    base_key_report,
-    load_base_state,
-    load_patch_state,
-    read_checkpoint,
-    split_delta,
-    state_dict_of,
-)
-from .model_setup import dataset_meta_of, null_pretrained, owned_paths, patch_root
+from .checkpoint import CheckpointError, load_patch_state, read_checkpoint, state_dict_of
+from .model_setup import load_base_checkpoint, null_pretrained, patch_root
 
 #: top-level config key naming a patch file to evaluate (set by ``tools/test.py --patch``)
 PATCH_FILE_KEY = "delta_patch_file"
@@ -164,6 +156,7 @@ class DeltaRunner(Runner):
                 "load_from: start the run without --resume"
             )
         self._eval_patch = None
+        self.patch_summary = None  # PatchSummary of the patch this run builds
         self._checkpoint_dirs: set[str] = set()  # where patch files sit beside checkpoints
         patch_file = self.cfg.get(PATCH_FILE_KEY)
         if patch_file:
@@ -176,6 +169,7 @@ class DeltaRunner(Runner):
             self.logger.info(f"mmdelta: loaded patch {self._eval_patch!r} from {patch_file}")
         else:
             summary = apply_delta_patch(root, self.cfg.delta_patch)
+            self.patch_summary = summary
             self.logger.info(f"mmdelta patch summary:\n{summary}")
             if delta_state:
                 load_patch_state(root, active_patch(root), delta_state, str(self._load_from))
@@ -198,14 +192,9 @@ class DeltaRunner(Runner):
 
     def _load_base(self, root: nn.Module, filename: str) -> dict:
         """Loads the base part of ``filename`` into ``root``; returns its Δ entries."""
-        checkpoint = read_checkpoint(filename)  # (no hooks exist yet to see it)
-        base, delta = split_delta(state_dict_of(checkpoint))
-        owned = []
-        if self.cfg.get("delta_patch") is not None and not self.cfg.get(PATCH_FILE_KEY):
-            if base_key_report(root, base)[0]:  # only then: which modules will the patch own?
-                owned = owned_paths(root, self.cfg.delta_patch)
-        load_base_state(root, base, f"checkpoint {filename}", owned, self.logger)
-        meta = dataset_meta_of(checkpoint)
+        patch_cfg = None if self.cfg.get(PATCH_FILE_KEY) else self.cfg.get("delta_patch")
+        # (no hooks exist yet to see the checkpoint)
+        delta, meta = load_base_checkpoint(root, filename, patch_cfg, self.logger)
         if meta is not None and getattr(root, "dataset_meta", None) is None:
             root.dataset_meta = meta
         self.logger.info(f"mmdelta: base weights loaded from {filename} (every key checked)")

@@ -5,6 +5,7 @@
 * :func:`patch_root`: the model a patch applies to (inside test-time augmentation wrappers).
 * :func:`owned_paths`: the modules a patch config will own, without attaching anything.
 * :func:`dataset_meta_of`: class names a checkpoint was trained with (``model.dataset_meta``).
+* :func:`load_base_checkpoint`: the base part of a checkpoint into a model, every key checked.
 """
 
 from collections.abc import Mapping, MutableMapping
@@ -14,6 +15,13 @@ from torch import nn
 
 from ..branches import PatchOwned
 from ..patching.apply import build_patch
+from .checkpoint import (
+    base_key_report,
+    load_base_state,
+    read_checkpoint,
+    split_delta,
+    state_dict_of,
+)
 
 
 def null_pretrained(model_cfg: MutableMapping) -> list[str]:
@@ -72,3 +80,22 @@ def dataset_meta_of(checkpoint: dict) -> dict | None:
     if meta.get("CLASSES"):
         return {"classes": tuple(meta["CLASSES"])}
     return None
+
+
+def load_base_checkpoint(
+    model: nn.Module, filename: str, patch_cfg: Mapping | None = None, logger=None
+) -> tuple[dict, dict | None]:
+    """Loads the base entries of checkpoint ``filename`` into the un-patched ``model``.
+
+    Every base key is checked (:func:`~mmdelta.runner.checkpoint.load_base_state`); modules
+    the patch ``patch_cfg`` is going to own may be missing or shaped differently (found by
+    a dry run, only when the keys do not match as they are). Returns ``(Δ entries of the
+    checkpoint, its dataset_meta or None)``; the model is unchanged when it raises.
+    """
+    checkpoint = read_checkpoint(filename)
+    base, delta = split_delta(state_dict_of(checkpoint))
+    owned = []
+    if patch_cfg is not None and base_key_report(model, base)[0]:
+        owned = owned_paths(model, patch_cfg)
+    load_base_state(model, base, f"checkpoint {filename}", owned, logger)
+    return delta, dataset_meta_of(checkpoint)

@@ -1,5 +1,5 @@
 # A small Faster R-CNN (ResNet-18, 64-channel FPN, light RPN/RoI settings) for the quick
-# demo (tools/demo.py): an ordinary mmdet config plus the `delta_patch` key.
+# self-check (tools/quickcheck.py): an ordinary mmdet config plus the `delta_patch` key.
 _base_ = "mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py"
 
 classes = ("square", "disc", "bar")

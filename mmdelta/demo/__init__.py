@@ -1,0 +1,1 @@
+"""The main job on embedded data: data, base, patches, evaluation, report."""

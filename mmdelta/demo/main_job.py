@@ -1,0 +1,311 @@
+"""The main job: generate data, train (or reuse) the base, Δ-patch it per task, evaluate, report.
+
+Everything runs through the same code path as the real configs: mmdet / mmseg configs with a
+``delta_patch`` key, :class:`~mmdelta.runner.DeltaRunner` for training, the safe checkpoint
+loader for evaluation. Output folder (``out``)::
+
+    base/base.pth, base/base.json          the base (weights + dataset_meta), its cache key
+    base/train/                            the base run (mmengine logs, scalars)
+    <task>/<task>.patch.safetensors        each task's patch file (+ its run's logs)
+    pictures/<task>_<i>.png, curves.png    base vs patched predictions; training curves
+    report.json, report.md                 the numbers
+
+The base is reused when ``base/base.json`` holds the same key (a hash of the resolved base
+config and its data), data when the generator's marker matches; patches are trained anew.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from mmengine.config import Config
+
+from ..apis import init_base_model, init_patched_model
+from ..patching import delta_disabled
+from ..runner.cli import build_runner
+from .evaluate import Evaluation, evaluate, first_difference
+from .pictures import plot_curves, side_by_side
+from .report import write_report, write_text_atomic
+from .stories import SIZES, STORIES, Size, Story, Task
+
+LOADERS = ("train_dataloader", "val_dataloader", "test_dataloader")
+
+
+def run_main_job(
+    story: str | Story = "det",
+    out: str | os.PathLike = "work_dirs/demo/det",
+    data: str | os.PathLike = "data/demo",
+    configs: str | os.PathLike = "configs/demo",
+    size: str | Size = "full",
+    retrain_base: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Runs one story end to end; returns the report (also written to ``out``)."""
+    story = STORIES[story] if isinstance(story, str) else story
+    size = SIZES[size] if isinstance(size, str) else size
+    out, data, configs = Path(out), Path(data), Path(configs)
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    log(f"== mmdelta main job: {story.title} ({size.name} size) → {out}")
+    t = time.perf_counter()
+    roots = {task.name: _write_data(story, task, size, data) for task in (story.base, *story.tasks)}
+    timings["data"] = time.perf_counter() - t
+    log(f"== data ready in {timings['data']:.1f} s: " + ", ".join(roots.values()))
+
+    base_cfg = _task_config(story, story.base, configs, roots[story.base.name], size, out)
+    base = _base_checkpoint(base_cfg, out / "base", roots[story.base.name], retrain_base, log)
+    timings["base_train"] = base["train_seconds"] if not base["cached"] else 0.0
+
+    base_model = init_base_model(base_cfg, base["checkpoint"])
+    base_meta = dict(base_model.dataset_meta)
+    base_eval = evaluate(base_model, base_cfg)
+    base_metric = _metric(story, base_eval)
+    log(f"== base model on its own task: {story.metric_label} {base_metric:.3f}")
+    checkpoint_bytes = os.path.getsize(base["checkpoint"])
+
+    results, curves = [], {"base": base["scalars"]}
+    for task in story.tasks:
+        cfg = _task_config(story, task, configs, roots[task.name], size, out)
+        cfg.load_from = base["checkpoint"]
+        log(f"== patching task {task.name!r}: {task.title}")
+        t = time.perf_counter()
+        runner = build_runner(cfg)
+        runner.train()
+        train_seconds = time.perf_counter() - t
+        summary = runner.patch_summary
+        patch_file = Path(cfg.work_dir) / f"{summary.name}.patch.safetensors"
+        curves[task.name] = str(Path(runner.log_dir) / "vis_data" / "scalars.json")
+        del runner
+
+        t = time.perf_counter()
+        patched = init_patched_model(cfg, base["checkpoint"], patch=patch_file)
+        task_meta = dict(patched.dataset_meta)
+        new_eval = evaluate(patched, cfg)
+        with delta_disabled(patched):
+            off_eval = evaluate(patched, base_cfg)
+        base_on_task = evaluate(base_model, cfg)
+        eval_seconds = time.perf_counter() - t
+        difference = first_difference(base_eval.predictions, off_eval.predictions)
+
+        pictures = []
+        for i, (b, p) in enumerate(
+            zip(base_on_task.predictions, new_eval.predictions, strict=True)
+        ):
+            if i == size.pictures:
+                break
+            pictures.append(
+                side_by_side(
+                    b.img_path,
+                    [
+                        (f"base ({len(base_meta['classes'])} classes)", b, base_meta),
+                        (f"patched: {summary.name}", p, task_meta),
+                    ],
+                    out / "pictures" / f"{task.name}_{i}.png",
+                    task=story.name,
+                )
+            )
+        patch_bytes = os.path.getsize(patch_file)
+        result = dict(
+            task=task.name,
+            title=task.title,
+            classes=list(task_meta["classes"]),
+            base_task=dict(
+                base=base_metric,
+                patched_patch_off=_metric(story, off_eval),
+                identical_predictions=difference is None,
+                first_difference=difference,
+                images=len(base_eval.predictions),
+            ),
+            new_task=dict(
+                base=_metric(story, base_on_task) if task.same_classes else None,
+                patched=_metric(story, new_eval),
+                images=len(new_eval.predictions),
+            ),
+            delta_fraction=summary.delta_fraction,
+            patch_fraction=summary.patch_fraction,
+            delta_params=summary.delta_params,
+            owned_params=summary.owned_params,
+            patch_file=str(patch_file),
+            patch_bytes=patch_bytes,
+            checkpoint_bytes=checkpoint_bytes,
+            patch_to_checkpoint=patch_bytes / checkpoint_bytes,
+            iterations=cfg.train_cfg.max_iters,
+            train_seconds=train_seconds,
+            eval_seconds=eval_seconds,
+            pictures=pictures,
+        )
+        results.append(result)
+        log(
+            f"== {task.name}: new task {story.metric_label} "
+            f"{_fmt(result['new_task']['base'])} (base) → {result['new_task']['patched']:.3f} "
+            f"(patched); base task with the patch off {result['base_task']['patched_patch_off']:.3f}"
+            f" (base {base_metric:.3f}), predictions identical: {difference is None}"
+        )
+        del patched
+
+    curves_png = plot_curves(curves, out / "pictures" / "curves.png", title=story.title)
+    timings["total"] = time.perf_counter() - started
+    report = dict(
+        story=story.name,
+        title=story.title,
+        size=size.name,
+        out=str(out),
+        metric=story.metric_label,
+        date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        machine=_machine(),
+        data={name: root for name, root in roots.items()},
+        base=dict(
+            metric=base_metric,
+            checkpoint=base["checkpoint"],
+            checkpoint_bytes=checkpoint_bytes,
+            cached=base["cached"],
+            train_seconds=base["train_seconds"],
+            iterations=base_cfg.train_cfg.max_iters,
+            images=len(base_eval.predictions),
+        ),
+        tasks=results,
+        quality=_quality(base_metric, results),
+        curves=curves_png,
+        seconds=timings,
+    )
+    write_report(report, out)
+    log(f"== report: {out / 'report.md'} ({timings['total']:.0f} s)")
+    return report
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def _write_data(story: Story, task: Task, size: Size, data: Path) -> str:
+    root = (
+        data / f"{story.name}_{task.name}"
+        if size.name == "full"
+        else (data / f"{story.name}_{task.name}_{size.name}")
+    )
+    return story.writer(
+        root,
+        task.classes,
+        size.num_train,
+        size.num_test,
+        seed=task.seed,
+        style=task.style,
+        **story.data,
+    )
+
+
+def _task_config(story: Story, task: Task, configs: Path, root: str, size: Size, out: Path):
+    path = configs / task.config
+    if not path.is_file():
+        raise FileNotFoundError(f"config {path} of the {story.name} story's task {task.name!r}")
+    cfg = Config.fromfile(str(path))
+    options = {f"{key}.dataset.data_root": root for key in LOADERS}
+    iters = size.base_iters if task is story.base else size.patch_iters
+    if iters is not None:
+        options.update(
+            {
+                "train_cfg.max_iters": iters,
+                "train_cfg.val_interval": iters,
+                "default_hooks.logger.interval": min(iters, 20),
+            }
+        )
+    cfg.merge_from_dict(options)
+    # mmengine reuses a visualiser instance of the same name: each run gets its own, so its
+    # scalars land in its own work_dir
+    cfg.visualizer.name = f"mmdelta-demo-{story.name}-{task.name}-{uuid.uuid4().hex[:8]}"
+    cfg.work_dir = str(out / ("base/train" if task is story.base else task.name))
+    return cfg
+
+
+def _base_checkpoint(cfg, folder: Path, data_root: str, retrain: bool, log) -> dict:
+    """The cached base (``folder/base.pth``) or a freshly trained one; returns its record."""
+    data_marker = Path(data_root) / ".mmdelta-dataset.json"
+    key = hashlib.sha256(
+        (cfg.pretty_text + data_marker.read_text() + torch.__version__).encode()
+    ).hexdigest()
+    record_file, checkpoint = folder / "base.json", folder / "base.pth"
+    if not retrain and record_file.is_file() and checkpoint.is_file():
+        record = json.loads(record_file.read_text())
+        if record.get("key") == key:
+            log(f"== base: cached {checkpoint} (trained in {record['train_seconds']:.0f} s)")
+            return dict(record, cached=True)
+        log(f"== base: {checkpoint} was trained with another config or data: retraining")
+    for stale in (record_file, checkpoint):
+        stale.unlink(missing_ok=True)
+    shutil.rmtree(folder / "train", ignore_errors=True)  # the previous base run's logs
+    log(f"== base: training {cfg.train_cfg.max_iters} iterations (cached afterwards)")
+    t = time.perf_counter()
+    runner = build_runner(cfg)
+    model = runner.train()
+    seconds = time.perf_counter() - t
+    meta = dict(dataset_meta=dict(runner.train_dataloader.dataset.metainfo))
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    _atomic_torch_save(dict(state_dict=state, meta=meta), checkpoint)
+    record = dict(
+        key=key,
+        checkpoint=str(checkpoint),
+        train_seconds=seconds,
+        scalars=str(Path(runner.log_dir) / "vis_data" / "scalars.json"),
+    )
+    write_text_atomic(record_file, json.dumps(record, indent=2))
+    return dict(record, cached=False)
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _metric(story: Story, evaluation: Evaluation) -> float:
+    if story.metric_key not in evaluation.metrics:
+        raise KeyError(
+            f"the evaluator returned {sorted(evaluation.metrics)}, not {story.metric_key!r}"
+        )
+    return float(evaluation.metrics[story.metric_key]) * story.metric_scale
+
+
+def _quality(base_metric: float, results: list[dict]) -> dict:
+    """The issue's targets: base ≥ 0.7; shifted before ≤ 60 % of it; after ≥ 90 % of it."""
+    quality = dict(base=base_metric, base_ok=base_metric >= 0.7)
+    for r in results:
+        if r["new_task"]["base"] is None:
+            continue
+        before = r["new_task"]["base"] / max(base_metric, 1e-12)
+        after = r["new_task"]["patched"] / max(base_metric, 1e-12)
+        quality[r["task"]] = dict(
+            before=before, before_ok=before <= 0.6, after=after, after_ok=after >= 0.9
+        )
+    return quality
+
+
+def _machine() -> dict:
+    return dict(
+        platform=platform.platform(),
+        processor=platform.processor() or platform.machine(),
+        cpus=os.cpu_count(),
+        torch_threads=torch.get_num_threads(),
+        python=platform.python_version(),
+        torch=torch.__version__,
+    )
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
