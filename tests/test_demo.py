@@ -99,6 +99,30 @@ def test_main_job_tiny_run(task, tmp_path):
     assert first_difference(want, got) is None
     assert first_difference(want, evaluate(patched, base_cfg).predictions) is not None
 
+    # the base run's own mmengine checkpoint (HistoryBuffer inside) tests with mmdelta's
+    # tools/test.py as a plain config: weights-only loading with mmengine's types allowed
+    metrics_file = tmp_path / "metrics.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools/test.py"),
+            str(out / "base/train" / f"{prefix}_shapes_base.py"),
+            str(out / "base/train/iter_2.pth"),
+            "--metrics-out",
+            str(metrics_file),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    key = "pascal_voc/mAP" if task == "det" else "mIoU"
+    scale = 1.0 if task == "det" else 0.01
+    assert json.loads(metrics_file.read_text())[key] * scale == pytest.approx(
+        report["base"]["metric"], abs=1e-3
+    )
+
     # a second run reuses the data and the base, retrains the patches
     checkpoint = Path(report["base"]["checkpoint"])
     stamp = checkpoint.stat().st_mtime_ns

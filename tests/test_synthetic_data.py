@@ -289,7 +289,7 @@ def test_voc_folder_name_and_the_demo_config_load_it(tmp_path):
     ann = ET.parse(next((root / "shapes" / "Annotations").glob("*.xml"))).getroot()
     assert ann.find("folder").text == "shapes"
     demo_cfg = Path(__file__).parents[1] / "configs/demo/det_shapes_base.py"
-    cfg, ds_cfg = _dataset_cfg(demo_cfg, "train_dataloader", root)
+    _, ds_cfg = _dataset_cfg(demo_cfg, "train_dataloader", root)
     train = _build("mmdet", ds_cfg)
     assert len(train) == 8 and train.metainfo["dataset_type"] is None  # own class names
     assert len(train[0]["data_samples"].gt_instances) >= 1

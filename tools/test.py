@@ -22,6 +22,7 @@ from mmengine.evaluator import DumpResults
 
 import mmdelta  # noqa: F401  (registers DeltaRunner and DeltaPatchHook)
 from mmdelta.runner import PATCH_FILE_KEY
+from mmdelta.runner.checkpoint import mmengine_checkpoints
 from mmdelta.runner.cli import add_tta, build_runner, load_config, set_local_rank
 
 
@@ -52,7 +53,8 @@ def main(argv=None) -> dict:
     runner = build_runner(cfg)
     if args.out:
         runner.test_evaluator.metrics.append(DumpResults(out_file_path=args.out))
-    metrics = runner.test()
+    with mmengine_checkpoints():  # plain configs: upstream's loader, same policy
+        metrics = runner.test()
     if args.metrics_out:
         scalars = {
             k: float(v)

@@ -19,6 +19,7 @@ warnings.filterwarnings("ignore", message="pkg_resources is deprecated")  # mmen
 from mmengine.config import DictAction
 
 import mmdelta  # noqa: F401  (registers DeltaRunner and DeltaPatchHook)
+from mmdelta.runner.checkpoint import mmengine_checkpoints
 from mmdelta.runner.cli import build_runner, load_config, resolve_resume, set_local_rank
 
 
@@ -43,7 +44,8 @@ def main(argv=None) -> None:
     set_local_rank(args.local_rank)
     cfg = load_config(args.config, args.cfg_options, args.work_dir, args.launcher)
     resolve_resume(cfg, args.resume)
-    build_runner(cfg).train()
+    with mmengine_checkpoints():  # plain configs: upstream's loader, same policy
+        build_runner(cfg).train()
 
 
 if __name__ == "__main__":

@@ -78,8 +78,8 @@ test_dataloader = val_dataloader
 val_evaluator = dict(type="VOCMetric", metric="mAP", iou_thrs=[0.5], eval_mode="area")
 test_evaluator = val_evaluator
 
-max_iters = 400
-train_cfg = dict(_delete_=True, type="IterBasedTrainLoop", max_iters=max_iters, val_interval=100)
+max_iters = 360
+train_cfg = dict(_delete_=True, type="IterBasedTrainLoop", max_iters=max_iters, val_interval=120)
 optim_wrapper = dict(optimizer=dict(lr=0.02, momentum=0.9, weight_decay=1e-4))
 param_scheduler = [
     dict(type="LinearLR", start_factor=0.01, by_epoch=False, begin=0, end=50),

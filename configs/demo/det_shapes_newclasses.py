@@ -10,12 +10,23 @@ train_dataloader = dict(dataset=dict(data_root=data_root, metainfo=dict(classes=
 val_dataloader = dict(dataset=dict(data_root=data_root, metainfo=dict(classes=new_classes)))
 test_dataloader = val_dataloader
 
-# Δ on the backbone, the FPN and the RPN's shared conv; the patch owns the box head's
-# classifier and regressor rows (for the new classes)
+# Δ where the shifted task has it; the patch owns the box head's classifier and regressor
+# (rows for the new classes)
 delta_patch = dict(
     _delete_=True,
     name="newclasses",
     branch=dict(type="LowRankDelta", rank=8),
-    targets=["backbone", "neck", "rpn_head.rpn_conv"],
+    targets=["backbone", "neck", "rpn_head.rpn_conv", "roi_head.bbox_head.shared_fcs"],
     classes=new_classes,
+)
+
+# new shapes in a familiar look: half the shift task's schedule
+max_iters = 120
+train_cfg = dict(max_iters=max_iters, val_interval=max_iters)
+param_scheduler = [
+    dict(type="LinearLR", start_factor=0.1, by_epoch=False, begin=0, end=20),
+    dict(type="CosineAnnealingLR", by_epoch=False, begin=0, end=max_iters, eta_min=2e-5),
+]
+default_hooks = dict(
+    checkpoint=dict(type="CheckpointHook", by_epoch=False, interval=max_iters, max_keep_ckpts=1)
 )

@@ -11,16 +11,22 @@ train_dataloader = dict(dataset=dict(data_root=data_root))
 val_dataloader = dict(dataset=dict(data_root=data_root))
 test_dataloader = val_dataloader
 
-# rank-8 Δ branches on the backbone and the FPN, and the patch's own BatchNorm statistics
-delta_patch = dict(name="shifted", branch=dict(type="LowRankDelta", rank=8), task_norm=True)
+# rank-8 Δ branches on the backbone, the FPN, the RPN's shared conv and the box head's shared
+# FC layers, and the patch's own BatchNorm statistics
+delta_patch = dict(
+    name="shifted",
+    branch=dict(type="LowRankDelta", rank=8),
+    targets=["backbone", "neck", "rpn_head.rpn_conv", "roi_head.bbox_head.shared_fcs"],
+    task_norm=True,
+)
 runner_type = "DeltaRunner"
 custom_hooks = [dict(type="DeltaPatchHook")]  # stops runners that ignore runner_type
 custom_imports = dict(imports=["mmdelta"], allow_failed_imports=False)
 
-max_iters = 160
+max_iters = 240
 train_cfg = dict(max_iters=max_iters, val_interval=max_iters)
 optim_wrapper = dict(
-    _delete_=True, optimizer=dict(type="AdamW", lr=2e-3, weight_decay=0.0), clip_grad=None
+    _delete_=True, optimizer=dict(type="AdamW", lr=5e-3, weight_decay=0.0), clip_grad=None
 )
 param_scheduler = [
     dict(type="LinearLR", start_factor=0.1, by_epoch=False, begin=0, end=20),

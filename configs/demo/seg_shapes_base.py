@@ -1,9 +1,9 @@
-# The base segmenter of the main job (tools/demo.py --task seg): mmseg's FCN on a dilated
-# ResNetV1c-18 (output stride 8; trained from scratch: no download), BN instead of SyncBN and
-# thin heads, on generated mmseg-layout data (mmdelta.datasets.synthetic, style 'base': dark
-# shapes on light backgrounds; label 0 is the background). An ordinary mmseg config: no
-# delta_patch here. tools/demo.py writes the data and overrides data_root.
-_base_ = "mmseg::fcn/fcn_r18-d8_4xb2-80k_cityscapes-512x1024.py"
+# The base segmenter of the main job (tools/demo.py --task seg): mmseg's Semantic FPN on a
+# ResNetV1c-18 (trained from scratch: no download) with BN instead of SyncBN, a 64-channel
+# FPN and head, on generated mmseg-layout data (mmdelta.datasets.synthetic, style 'base':
+# dark shapes on light backgrounds; label 0 is the background). An ordinary mmseg config:
+# no delta_patch here. tools/demo.py writes the data and overrides data_root.
+_base_ = "mmseg::sem_fpn/fpn_r50_4xb2-80k_cityscapes-512x1024.py"
 
 data_root = "data/demo/seg_base/"
 classes = ("square", "disc", "bar")  # object classes; label 0 is the background
@@ -18,10 +18,10 @@ norm_cfg = dict(type="BN", requires_grad=True)
 model = dict(
     data_preprocessor=dict(size=image_size),
     pretrained=None,
-    backbone=dict(norm_cfg=norm_cfg, init_cfg=None),
-    decode_head=dict(in_channels=512, channels=64, num_classes=len(classes) + 1, norm_cfg=norm_cfg),
-    auxiliary_head=dict(
-        in_channels=256, channels=32, num_classes=len(classes) + 1, norm_cfg=norm_cfg
+    backbone=dict(depth=18, norm_cfg=norm_cfg, init_cfg=None),
+    neck=dict(in_channels=[64, 128, 256, 512], out_channels=64),
+    decode_head=dict(
+        in_channels=[64, 64, 64, 64], channels=64, num_classes=len(classes) + 1, norm_cfg=norm_cfg
     ),
 )
 

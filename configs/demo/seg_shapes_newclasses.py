@@ -1,6 +1,6 @@
 # Patching task 2 of the segmentation story (tools/demo.py --task seg): three new object
-# classes (new shapes) in the base's appearance. The patch owns the classifier rows of the
-# decode and auxiliary heads for them; 'background' keeps the base's row as its start.
+# classes (new shapes) in the base's appearance. The patch owns the decode head's classifier
+# (rows for them); 'background' keeps the base's row as its start.
 _base_ = "./seg_shapes_shifted.py"
 
 data_root = "data/demo/seg_newclasses/"
@@ -20,4 +20,15 @@ delta_patch = dict(
     name="newclasses",
     branch=dict(type="LowRankDelta", rank=8),
     classes=new_metainfo["classes"],
+)
+
+# new shapes in a familiar look: half the shift task's schedule
+max_iters = 200
+train_cfg = dict(max_iters=max_iters, val_interval=max_iters)
+param_scheduler = [
+    dict(type="LinearLR", start_factor=0.1, by_epoch=False, begin=0, end=20),
+    dict(type="CosineAnnealingLR", by_epoch=False, begin=0, end=max_iters, eta_min=2e-5),
+]
+default_hooks = dict(
+    checkpoint=dict(type="CheckpointHook", by_epoch=False, interval=max_iters, max_keep_ckpts=1)
 )

@@ -10,7 +10,8 @@ train_dataloader = dict(dataset=dict(data_root=data_root))
 val_dataloader = dict(dataset=dict(data_root=data_root))
 test_dataloader = val_dataloader
 
-# rank-8 Δ branches on the backbone and the decode head, and the patch's own BatchNorms
+# rank-8 Δ branches on the backbone, the FPN and the decode head, and the patch's own
+# BatchNorm statistics
 delta_patch = dict(name="shifted", branch=dict(type="LowRankDelta", rank=8), task_norm=True)
 runner_type = "DeltaRunner"
 custom_hooks = [dict(type="DeltaPatchHook")]  # stops runners that ignore runner_type
@@ -19,9 +20,9 @@ custom_imports = dict(
     allow_failed_imports=False,
 )
 
-max_iters = 160
+max_iters = 400
 train_cfg = dict(max_iters=max_iters, val_interval=max_iters)
-optim_wrapper = dict(optimizer=dict(lr=2e-3, weight_decay=0.0))
+optim_wrapper = dict(optimizer=dict(lr=5e-3, weight_decay=0.0))
 param_scheduler = [
     dict(type="LinearLR", start_factor=0.1, by_epoch=False, begin=0, end=20),
     dict(type="CosineAnnealingLR", by_epoch=False, begin=0, end=max_iters, eta_min=2e-5),

@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -32,11 +31,12 @@ import torch
 from mmengine.config import Config
 
 from ..apis import init_base_model, init_patched_model
+from ..fileio import write_atomic, write_text_atomic
 from ..patching import delta_disabled
 from ..runner.cli import build_runner
 from .evaluate import Evaluation, evaluate, first_difference
 from .pictures import plot_curves, side_by_side
-from .report import write_report, write_text_atomic
+from .report import write_report
 from .stories import SIZES, STORIES, Size, Story, Task
 
 LOADERS = ("train_dataloader", "val_dataloader", "test_dataloader")
@@ -251,7 +251,7 @@ def _base_checkpoint(cfg, folder: Path, data_root: str, retrain: bool, log) -> d
     seconds = time.perf_counter() - t
     meta = dict(dataset_meta=dict(runner.train_dataloader.dataset.metainfo))
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    _atomic_torch_save(dict(state_dict=state, meta=meta), checkpoint)
+    write_atomic(checkpoint, lambda tmp: torch.save(dict(state_dict=state, meta=meta), tmp))
     record = dict(
         key=key,
         checkpoint=str(checkpoint),
@@ -260,18 +260,6 @@ def _base_checkpoint(cfg, folder: Path, data_root: str, retrain: bool, log) -> d
     )
     write_text_atomic(record_file, json.dumps(record, indent=2))
     return dict(record, cached=False)
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _metric(story: Story, evaluation: Evaluation) -> float:

@@ -16,7 +16,6 @@ import io
 import json
 import math
 import os
-import tempfile
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,6 +24,8 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
+
+from ..fileio import write_bytes_atomic
 
 MIN_SHORT_SIDE = 384  # small images are upscaled to this before drawing: legible labels
 TITLE_HEIGHT = 36
@@ -200,23 +201,7 @@ def _write_png(bgr: np.ndarray, out_path) -> str:
     ok, data = cv2.imencode(".png", bgr)
     if not ok:
         raise RuntimeError(f"could not encode a PNG for {out_path}")
-    return _write_atomic(data.tobytes(), out_path)
-
-
-def _write_atomic(data: bytes, out_path) -> str:
-    """Write ``data`` to a temporary file beside ``out_path``, then rename it into place."""
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return str(out_path)
+    return str(write_bytes_atomic(out_path, data.tobytes()))
 
 
 # ----------------------------------------------------------------------------- curves
@@ -299,7 +284,7 @@ def plot_curves(
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
-    return _write_atomic(buffer.getvalue(), out_path)
+    return str(write_bytes_atomic(out_path, buffer.getvalue()))
 
 
 def _read_scalars(path: Path):

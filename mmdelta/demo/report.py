@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
+
+from ..fileio import write_text_atomic
 
 #: fields every task row of report.json carries (tests check them)
 TASK_FIELDS = (
@@ -114,16 +115,3 @@ def _ok(flag: bool) -> str:
 
 def _bytes(n: int) -> str:
     return f"{n / 1e6:.2f} MB"
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Writes ``text`` to a temporary file beside ``path`` and renames it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -91,7 +91,7 @@ STORIES = {
     ),
     "seg": Story(
         name="seg",
-        title="FCN (ResNetV1c-18, dilated) on generated mmseg-layout data",
+        title="Semantic FPN (ResNetV1c-18) on generated mmseg-layout data",
         writer=write_seg_dataset,
         base=Task(
             "base",

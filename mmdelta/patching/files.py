@@ -15,8 +15,6 @@ pickle: loading never executes code) holding only the patch's tensors, keyed
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -24,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..fileio import write_atomic
 from .apply import attach_patch, build_patch
 from .config import DeltaPatchConfigError
 from .slot import iter_slots
@@ -127,19 +126,7 @@ def save_patch(model: nn.Module, path, name: str | None = None, overwrite: bool 
         "mmdelta.base_model": type(model).__name__,
         "mmdelta.base_params": str(sum(t.numel() for t in base.values())),
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        umask = os.umask(0)  # mkstemp makes 0600 files: give the patch the usual mode
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return path
 
 
