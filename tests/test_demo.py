@@ -153,3 +153,22 @@ def test_first_difference_finds_one_changed_score_or_label():
     dtype = [sample([0.9, 0.5], torch.tensor([0, 1], dtype=torch.int32)), a[1]]
     assert first_difference(a, dtype) is not None
     assert "predictions" in first_difference(a, a[:1])
+
+
+def test_base_cache_key_is_stable_across_runs_and_follows_config_and_data(tmp_path):
+    from mmdelta.demo.main_job import _task_config, _write_data, base_key
+    from mmdelta.demo.stories import SIZES, STORIES
+
+    story, tiny = STORIES["det"], SIZES["tiny"]
+    root = _write_data(story, story.base, tiny, tmp_path / "data")
+
+    def key(**options):
+        cfg = _task_config(story, story.base, ROOT / "configs/demo", root, tiny, tmp_path)
+        cfg.merge_from_dict(options)
+        return base_key(cfg, root)
+
+    assert key() == key()  # each run's config differs only in its visualiser's name
+    assert key() != key(**{"train_cfg.max_iters": 3})
+    other = _write_data(story, story.tasks[0], tiny, tmp_path / "data")
+    cfg = _task_config(story, story.base, ROOT / "configs/demo", root, tiny, tmp_path)
+    assert base_key(cfg, root) != base_key(cfg, other)

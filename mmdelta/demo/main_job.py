@@ -16,6 +16,7 @@ config and its data), data when the generator's marker matches; patches are trai
 
 from __future__ import annotations
 
+import copy
 import datetime
 import hashlib
 import json
@@ -228,12 +229,18 @@ def _task_config(story: Story, task: Task, configs: Path, root: str, size: Size,
     return cfg
 
 
+def base_key(cfg, data_root: str) -> str:
+    """What a cached base must match: the resolved base config, its data's generator
+    parameters and the torch version."""
+    keyed = copy.deepcopy(cfg)
+    keyed.visualizer.name = ""  # unique per run (see _task_config), not part of the base
+    marker = (Path(data_root) / ".mmdelta-dataset.json").read_text()
+    return hashlib.sha256((keyed.pretty_text + marker + torch.__version__).encode()).hexdigest()
+
+
 def _base_checkpoint(cfg, folder: Path, data_root: str, retrain: bool, log) -> dict:
     """The cached base (``folder/base.pth``) or a freshly trained one; returns its record."""
-    data_marker = Path(data_root) / ".mmdelta-dataset.json"
-    key = hashlib.sha256(
-        (cfg.pretty_text + data_marker.read_text() + torch.__version__).encode()
-    ).hexdigest()
+    key = base_key(cfg, data_root)
     record_file, checkpoint = folder / "base.json", folder / "base.pth"
     if not retrain and record_file.is_file() and checkpoint.is_file():
         record = json.loads(record_file.read_text())
