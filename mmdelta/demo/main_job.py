@@ -86,8 +86,8 @@ def run_main_job(
         runner.train()
         train_seconds = time.perf_counter() - t
         summary = runner.patch_summary
-        patch_file = Path(cfg.work_dir) / f"{summary.name}.patch.safetensors"
-        curves[task.name] = str(Path(runner.log_dir) / "vis_data" / "scalars.json")
+        patch_file = runner.final_patch_file
+        curves[task.name] = _scalars_file(runner)
         del runner
 
         t = time.perf_counter()
@@ -263,10 +263,15 @@ def _base_checkpoint(cfg, folder: Path, data_root: str, retrain: bool, log) -> d
         key=key,
         checkpoint=str(checkpoint),
         train_seconds=seconds,
-        scalars=str(Path(runner.log_dir) / "vis_data" / "scalars.json"),
+        scalars=_scalars_file(runner),
     )
     write_text_atomic(record_file, json.dumps(record, indent=2))
     return dict(record, cached=False)
+
+
+def _scalars_file(runner) -> str:
+    """The run's training / validation scalars (mmengine's LocalVisBackend)."""
+    return str(Path(runner.log_dir) / "vis_data" / "scalars.json")
 
 
 def _metric(story: Story, evaluation: Evaluation) -> float:

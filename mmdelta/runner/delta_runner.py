@@ -274,10 +274,15 @@ class DeltaRunner(Runner):
             self._final_patch()
         return model
 
+    @property
+    def final_patch_file(self) -> str:
+        """Where ``train()`` writes the trained patch: ``<work_dir>/<name>.patch.safetensors``."""
+        return osp.join(self.work_dir, f"{self._delta_name}.patch.safetensors")
+
     @master_only
     def _final_patch(self) -> None:
         self._drop_orphan_patches()
-        self._write_patch(osp.join(self.work_dir, f"{self._delta_name}.patch.safetensors"))
+        self._write_patch(self.final_patch_file)
 
     def _select_for_eval(self) -> None:
         if not self.delta_mode:
