@@ -4,6 +4,8 @@
   the way a crash or a pre-empted job ends a run.
 * ``DeltaProbe``: per rank, writes which parameters require grad and which changed during
   training, and a fingerprint of the base state dict, to ``<out_dir>/rank<r>.json``.
+* ``ResumeProbe``: writes the patch, optimiser and scheduler states a run starts training
+  with (what ``--resume`` restored).
 """
 
 import hashlib
@@ -72,4 +74,28 @@ class DeltaProbe(Hook):
                     ),
                 )
             )
+        )
+
+
+@HOOKS.register_module()
+class ResumeProbe(Hook):
+    """Writes what the run holds when training starts (after ``load_or_resume``): the
+    patch's tensors (Δ and patch-owned, every state-dict key with ``.delta.``), the optimiser
+    and the parameter schedulers' states, and the iteration, to ``out`` (torch.save)."""
+
+    priority = "LOWEST"
+
+    def __init__(self, out: str):
+        self.out = out
+
+    def before_train(self, runner):
+        model = patch_root(runner.model)
+        torch.save(
+            dict(
+                iter=runner.iter,
+                patch={k: v.clone() for k, v in model.state_dict().items() if ".delta." in k},
+                optimizer=runner.optim_wrapper.state_dict(),
+                param_schedulers=[s.state_dict() for s in runner.param_schedulers],
+            ),
+            self.out,
         )

@@ -7,12 +7,14 @@ Importing :mod:`mmdelta` registers :class:`DeltaRunner` (``runner_type='DeltaRun
 from .checkpoint import CheckpointError, mmengine_checkpoints, read_checkpoint
 from .delta_runner import PATCH_FILE_KEY, DeltaRunner
 from .hooks import DeltaPatchHook
+from .random_state import RandomStateHook
 
 __all__ = [
     "PATCH_FILE_KEY",
     "CheckpointError",
     "DeltaPatchHook",
     "DeltaRunner",
+    "RandomStateHook",
     "mmengine_checkpoints",
     "read_checkpoint",
 ]

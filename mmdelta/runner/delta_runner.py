@@ -308,10 +308,12 @@ class DeltaRunner(Runner):
         return super().test()
 
     def register_custom_hooks(self, hooks) -> None:
+        """The config's hooks, plus ``DeltaPatchHook`` and ``RandomStateHook`` (bitwise
+        resume) for a patch run unless the config lists them."""
         hooks = list(hooks or [])
-        if self.delta_mode and not any(
-            (h.get("type") if isinstance(h, dict) else type(h).__name__) == "DeltaPatchHook"
-            for h in hooks
-        ):
-            hooks.append(dict(type="DeltaPatchHook"))
+        listed = {h.get("type") if isinstance(h, dict) else type(h).__name__ for h in hooks}
+        if self.delta_mode:
+            hooks += [
+                dict(type=t) for t in ("DeltaPatchHook", "RandomStateHook") if t not in listed
+            ]
         super().register_custom_hooks(hooks)

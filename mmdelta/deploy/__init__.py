@@ -1,0 +1,1 @@
+"""Deployment: standalone checkpoints (patch merged, no mmdelta needed) and ONNX export."""
