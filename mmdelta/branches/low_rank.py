@@ -71,11 +71,20 @@ class LowRankDelta(DeltaBranch):
         if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
             raise ValueError(f"LowRankDelta: `rank` must be a positive integer, got {rank!r}")
         if alpha is not None and (
-            isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not alpha > 0
+            isinstance(alpha, bool)
+            or not isinstance(alpha, numbers.Real)
+            or not 0 < alpha < math.inf  # inf: scale · 0 would be NaN, not an exact zero Δ
         ):
-            raise ValueError(f"LowRankDelta: `alpha` must be a positive number, got {alpha!r}")
+            raise ValueError(
+                f"LowRankDelta: `alpha` must be a positive number (finite), got {alpha!r}"
+            )
         self.requested_rank = int(rank)
-        self.scale = float(alpha if alpha is not None else rank) / int(rank)
+        try:
+            self.scale = 1.0 if alpha is None else float(alpha) / int(rank)
+        except OverflowError as err:  # an int too large for a float
+            raise ValueError(
+                f"LowRankDelta: `rank` {rank} / `alpha` {alpha} out of range: {err}"
+            ) from err
         weight = layer.weight
         factory = dict(device=weight.device, dtype=weight.dtype)
 

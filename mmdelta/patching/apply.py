@@ -8,12 +8,11 @@ from mmengine.logging import print_log
 from torch import nn
 
 from ..branches import LayerTooSmall, PatchOwned
-from ..registry import DELTA_BRANCHES
 from .classes import ClassChange, base_class_names, default_head_layers, plan_class_change
-from .config import DeltaPatchConfigError, resolve_config
+from .config import DeltaPatchConfigError, branch_type, resolve_config
 from .freeze import install_train_guard
 from .slot import slot_of
-from .state import patch_configs, record_patch, set_active_patch
+from .state import active_patch, delta_disabled, patch_configs, record_patch, set_active_patch
 from .summary import PatchSummary, count_base_params, describe_layer
 from .targets import norm_layers, resolve_owned, resolve_targets
 
@@ -43,7 +42,17 @@ def build_patch(model: nn.Module, cfg: Mapping | None, name: str | None = None) 
 
     ``name`` overrides ``cfg['name']``. Raises :class:`DeltaPatchConfigError` for every
     problem the config has with this model.
+
+    The patch is built against the base: while another patch is active (its class count in
+    the heads, its branches in the layers' forwards) it is switched off for the build.
     """
+    if active_patch(model) is not None:
+        with delta_disabled(model):
+            return _build_patch(model, cfg, name)
+    return _build_patch(model, cfg, name)
+
+
+def _build_patch(model: nn.Module, cfg: Mapping | None, name: str | None) -> BuiltPatch:
     if name is not None and isinstance(cfg, Mapping | None):
         cfg = {**(cfg or {}), "name": name}
     resolved = resolve_config(model, cfg)
@@ -102,7 +111,7 @@ def build_patch(model: nn.Module, cfg: Mapping | None, name: str | None = None) 
     skipped, unsupported, delta_layers = [], [], []
     if resolved["branch"] is not None:
         branch_cfg = dict(resolved["branch"])
-        branch_cls = DELTA_BRANCHES.get(branch_cfg.pop("type"))
+        branch_cls = branch_type(branch_cfg.pop("type"))
         reserved = owned_paths | {p for p, _, _ in built.branches}
         placement = resolve_targets(
             model, resolved["targets"], resolved["exclude"], branch_cls.supports, reserved
@@ -114,7 +123,8 @@ def build_patch(model: nn.Module, cfg: Mapping | None, name: str | None = None) 
             except LayerTooSmall as err:
                 skipped.append((path, str(err)))
                 continue
-            except (TypeError, ValueError) as err:
+            except (TypeError, ValueError, RuntimeError, MemoryError) as err:
+                # RuntimeError / MemoryError: options that ask for more memory than there is
                 raise DeltaPatchConfigError(
                     f"delta_patch.branch={resolved['branch']} on {path}: {err}"
                 ) from err

@@ -106,7 +106,8 @@ def plan_class_change(
 
     Raises:
         DeltaPatchConfigError: no head counts classes, ``base_classes`` does not match any
-            head, or the base class count is ambiguous without ``base_classes``.
+            head, the base class count is ambiguous without ``base_classes``, or
+            ``class_map`` maps onto a name that is not a base class.
     """
     heads = _heads(model)
     counts = sorted({h.num_classes for h in heads.values()})
@@ -130,6 +131,17 @@ def plan_class_change(
         raise DeltaPatchConfigError(
             f"the model's heads have num_classes {counts}; set delta_patch.base_classes to the "
             "base model's class names so mmdelta knows which heads to switch"
+        )
+    unknown = sorted(set(class_map.values()) - set(base_classes or []))
+    if unknown:  # a typo would silently start those classes from fresh rows
+        raise DeltaPatchConfigError(
+            f"delta_patch.class_map maps onto {unknown}, which are not base class names"
+            + (
+                f" (the base's classes are {list(base_classes)[:10]}"
+                f"{', …' if len(base_classes) > 10 else ''})"
+                if base_classes is not None
+                else ": the base's class names are unknown, set delta_patch.base_classes"
+            )
         )
     index = {name: i for i, name in enumerate(base_classes or [])}
     new_index = [index.get(class_map.get(name, name)) for name in classes]

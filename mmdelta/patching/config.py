@@ -81,6 +81,19 @@ def default_targets(model: nn.Module) -> list[str]:
     return targets
 
 
+def branch_type(name) -> type | None:
+    """The registered Δ branch class called ``name``, or ``None``.
+
+    Only names registered in ``DELTA_BRANCHES`` are looked up: no scope prefix, no dotted
+    import path (``Registry.get`` would import the module a dotted name names and return any
+    object in it, and a patch file's recorded config must never import or run anything).
+    """
+    if not isinstance(name, str):
+        return None
+    DELTA_BRANCHES.import_from_location()
+    return DELTA_BRANCHES.module_dict.get(name)
+
+
 def resolve_branch(branch) -> dict:
     """``branch`` with ``type`` and every constructor default filled in."""
     if branch is None:
@@ -88,7 +101,7 @@ def resolve_branch(branch) -> dict:
     if not isinstance(branch, Mapping):
         raise DeltaPatchConfigError(f"delta_patch.branch must be a dict, got {branch!r}")
     branch = {**DEFAULT_BRANCH, **dict(branch)}
-    cls = DELTA_BRANCHES.get(branch["type"]) if isinstance(branch["type"], str) else None
+    cls = branch_type(branch["type"])
     if cls is None:
         raise DeltaPatchConfigError(
             f"delta_patch.branch.type {branch['type']!r} is not a registered Δ branch type; "
@@ -96,7 +109,7 @@ def resolve_branch(branch) -> dict:
         )
     params = list(inspect.signature(cls.__init__).parameters.values())[2:]  # self, layer
     options = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
-    unknown = sorted(set(branch) - {"type"} - set(options))
+    unknown = sorted(set(branch) - {"type"} - set(options), key=repr)
     if unknown:
         raise DeltaPatchConfigError(
             f"delta_patch.branch has unknown option(s) {unknown} for type {branch['type']!r}; "
@@ -111,7 +124,7 @@ def resolve_config(model: nn.Module, cfg: Mapping | None) -> dict:
         cfg = {}
     if not isinstance(cfg, Mapping):
         raise DeltaPatchConfigError(f"delta_patch must be a dict, got {type(cfg).__name__}")
-    unknown = sorted(set(cfg) - set(ALLOWED_KEYS))
+    unknown = sorted(set(cfg) - set(ALLOWED_KEYS), key=repr)  # keys of any type
     if unknown:
         raise DeltaPatchConfigError(
             f"delta_patch has unknown key(s) {unknown}; allowed keys are {list(ALLOWED_KEYS)}"
@@ -130,7 +143,8 @@ def resolve_config(model: nn.Module, cfg: Mapping | None) -> dict:
         )
     classes = _names("classes", cfg.get("classes"))
     base_classes = _names("base_classes", cfg.get("base_classes"))
-    class_map = cfg.get("class_map") or {}
+    class_map = cfg.get("class_map")
+    class_map = {} if class_map is None else class_map
     if not isinstance(class_map, Mapping) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in class_map.items()
     ):

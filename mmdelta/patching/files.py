@@ -24,7 +24,7 @@ from torch import nn
 
 from ..fileio import write_atomic
 from .apply import attach_patch, build_patch
-from .config import DeltaPatchConfigError
+from .config import DEFAULT_NAME, DeltaPatchConfigError
 from .slot import iter_slots
 from .state import active_patch, base_state_dict, patch_configs, patch_names, set_active_patch
 from .targets import base_modules
@@ -155,9 +155,14 @@ def read_patch_file(path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
             f"mmdelta reads version {FORMAT_VERSION}"
         )
     try:
-        json.loads(metadata["mmdelta.cfg"])
-    except (KeyError, ValueError) as err:
+        cfg = json.loads(metadata["mmdelta.cfg"])
+    except (KeyError, ValueError, RecursionError) as err:
         raise PatchFileError(f"{path}: metadata mmdelta.cfg is missing or not JSON") from err
+    if not isinstance(cfg, dict):
+        raise PatchFileError(
+            f"{path}: metadata mmdelta.cfg must be a JSON object (the delta_patch config), "
+            f"got {type(cfg).__name__}"
+        )
     if not tensors:
         raise PatchFileError(f"patch file {path} holds no tensors")
     return metadata, tensors
@@ -179,7 +184,7 @@ def _check_tensors(path, file: dict, expected: dict[str, torch.Tensor]) -> None:
                 f"{path}: tensor {key} has shape {tuple(tensor.shape)}, the model needs "
                 f"{tuple(want.shape)}"
             )
-        if tensor.is_floating_point() != want.is_floating_point():
+        if tensor.dtype != want.dtype:  # a cast could round, overflow to Inf or wrap around
             raise PatchFileError(f"{path}: tensor {key} has dtype {tensor.dtype}, not {want.dtype}")
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise PatchFileError(f"{path}: tensor {key} holds NaN or Inf values")
@@ -207,13 +212,17 @@ def load_patch(
     """
     metadata, tensors = read_patch_file(path)
     cfg = json.loads(metadata["mmdelta.cfg"])
-    name = name if name is not None else metadata.get("mmdelta.name", cfg.get("name"))
+    if name is None:
+        name = metadata.get("mmdelta.name", cfg.get("name", DEFAULT_NAME))
+    if not isinstance(name, str):
+        raise PatchFileError(f"{path}: the patch name it records is not a string: {name!r}")
     base = base_state_dict(model)
     if metadata.get("mmdelta.base_architecture") != base_architecture(model, base):
+        params = metadata.get("mmdelta.base_params", "?")
+        params = f"{int(params):,}" if params.isdecimal() else repr(params)
         raise PatchFileError(
             f"{path} was built for another base model: {metadata.get('mmdelta.base_model')} "
-            f"with {int(metadata.get('mmdelta.base_params', 0)):,} parameters, while this is a "
-            f"{type(model).__name__} with "
+            f"with {params} parameters, while this is a {type(model).__name__} with "
             f"{sum(t.numel() for t in base.values()):,} (the state dicts' "
             "names or shapes differ)"
         )
@@ -227,8 +236,8 @@ def load_patch(
         existing = dict(patch_configs(model)[name])
         if {**existing, "name": None} != {**cfg, "name": None}:
             raise PatchFileError(
-                f"the model already carries a patch {name!r} built from another config; load "
-                "this file under another name"
+                f"{path}: the model already carries a patch {name!r} built from another "
+                "config than this file records; load this file under another name"
             )
         built, expected = None, _patch_tensors(model, name)
     else:
