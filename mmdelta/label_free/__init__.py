@@ -1,0 +1,27 @@
+"""Label-free domain patches: adapt a frozen base to a new environment from unlabelled images.
+
+:func:`adapt_norm_stats` (AdaBN as a patch): the patch owns the base's BatchNorm layers and
+holds their running statistics re-estimated on the new images; no labels, no gradients,
+the base untouched. ``tools/adapt_norm.py`` is its command line; ``tools/label_free_gap.py``
+measures it on the main job's appearance-shift tasks.
+"""
+
+from .norm_stats import (
+    IMAGE_SUFFIXES,
+    LabelFreeError,
+    adapt_norm_stats,
+    image_only_pipeline,
+    list_images,
+    stats_layers,
+    unlabelled_loader,
+)
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "LabelFreeError",
+    "adapt_norm_stats",
+    "image_only_pipeline",
+    "list_images",
+    "stats_layers",
+    "unlabelled_loader",
+]
