@@ -201,3 +201,23 @@ def test_sigkill_during_patch_writes_never_leaves_a_truncated_patch(tmp_path):
     assert any(left_behind), "no kill landed inside a write: the test tested nothing"
     remove_stale_temporaries(path)
     assert not temporaries()
+
+
+def test_random_states_survive_a_weights_only_checkpoint_round_trip(tmp_path):
+    """What RandomStateHook saves loads through the checked (weights-only) reader, and
+    restoring it replays the same Python, NumPy and torch draws."""
+    import random
+
+    import numpy as np
+
+    from mmdelta.runner.random_state import KEY, _as_python, capture, restore
+
+    torch.save({"state_dict": {}, "meta": {}, KEY: capture()}, tmp_path / "c.pth")
+
+    def draws():
+        return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+    first = draws()
+    state = read_checkpoint(str(tmp_path / "c.pth"))[KEY]
+    restore(dict(state, python=_as_python(state["python"])))
+    assert draws() == first

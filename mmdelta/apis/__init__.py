@@ -1,5 +1,14 @@
-"""Inference helpers: patched models for mmdet / mmseg, built so a patch is never dropped."""
+"""Inference helpers: patched models for mmdet / mmseg, built so a patch is never dropped, and
+one base serving many patches side by side."""
 
 from .inference import PatchNotFoundError, init_base_model, init_patched_model, patched_inferencer
+from .serving import MultiPatchInferencer, ServingError
 
-__all__ = ["PatchNotFoundError", "init_base_model", "init_patched_model", "patched_inferencer"]
+__all__ = [
+    "MultiPatchInferencer",
+    "PatchNotFoundError",
+    "ServingError",
+    "init_base_model",
+    "init_patched_model",
+    "patched_inferencer",
+]

@@ -1,0 +1,370 @@
+"""Serving many patches from one base: :class:`MultiPatchInferencer`.
+
+The base model is built and loaded once; every patch file is loaded onto it under its own
+name (:func:`~mmdelta.patching.load_patch`, inactive). Each image is preprocessed once with
+the upstream Inferencer's pipeline (mmdet ``DetInferencer`` / mmseg ``MMSegInferencer``:
+``LoadImageFromFile`` → ``InferencerLoader``, annotations dropped) and run through the base
+(no patch active: the base bit for bit) and through every patch in turn
+(``set_active_patch``), batch size 1, as ``Inferencer.forward`` does (``model.test_step``
+under ``torch.no_grad``). Predictions therefore equal those of an upstream Inferencer on
+:func:`~mmdelta.apis.init_base_model` (base) / :func:`~mmdelta.apis.init_patched_model`
+(each patch), bitwise.
+
+With ``out_dir`` it writes, atomically (``mmdelta.fileio``) and only under ``out_dir``:
+
+* ``vis/<image stem>.png``: the image under the base's and each patch's predictions side
+  by side, each panel titled with the model's name and drawn with its own class names
+  (:func:`mmdelta.demo.pictures.side_by_side`);
+* ``results.json``: per image, per model, the predictions (detection: boxes, scores,
+  labels and class names above ``score_thr``; segmentation: per-class pixel counts and
+  the path of the label map);
+* segmentation only: ``label_maps/<image stem>/base.png`` and ``patch_<name>.png``, the
+  predicted class ids as a lossless 8-bit (16-bit when > 255 classes) PNG, original size.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from mmengine.config import Config
+
+# side_by_side lives with the demo's report pictures; it is the one drawing routine for
+# "base and patches side by side, each with its own class names", so it is reused here.
+from ..demo.pictures import side_by_side
+from ..fileio import write_bytes_atomic, write_text_atomic
+from ..patching import active_patch, load_patch, patch_classes, set_active_patch
+from ..patching.files import read_patch_file
+from .inference import init_base_model
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+BASE = "base"  # the base model's key in results (patches are under "patches")
+
+
+class ServingError(ValueError):
+    """Inputs :class:`MultiPatchInferencer` refuses: duplicate patch names, no images,
+    outputs that would overwrite an input."""
+
+
+def list_images(images: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """Image files, in the order given; a folder contributes its image files (sorted by
+    name, not recursive). Raises ``FileNotFoundError`` naming a missing path and
+    :class:`ServingError` when nothing is left."""
+    items = [images] if isinstance(images, str | os.PathLike) else list(images)
+    found: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            inside = sorted(
+                p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS
+            )
+            if not inside:
+                raise ServingError(
+                    f"folder {path} holds no image files ({', '.join(IMG_EXTENSIONS)})"
+                )
+            found += inside
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise FileNotFoundError(f"image {str(path)!r} does not exist")
+    if not found:
+        raise ServingError("no images given")
+    return found
+
+
+def _named_patches(patches) -> list[tuple[str, Path]]:
+    """``[(name, file)]`` from a list of files (each named as it was saved) and/or
+    ``(name, file)`` pairs, or a ``{name: file}`` mapping; every file exists, no two names
+    are equal."""
+    if isinstance(patches, str | os.PathLike):
+        patches = [patches]
+    if isinstance(patches, Mapping):
+        pairs = [(str(name), Path(path)) for name, path in patches.items()]
+    else:  # a file, or a (name, file) pair
+        pairs = [
+            (str(p[0]), Path(p[1])) if isinstance(p, tuple) else (None, Path(p)) for p in patches
+        ]
+    if not pairs:
+        raise ServingError("no patch files given")
+    named = []
+    for name, path in pairs:
+        if not path.is_file():
+            raise FileNotFoundError(f"patch file {str(path)!r} does not exist")
+        if name is None:
+            metadata, _ = read_patch_file(path)  # PatchFileError for a file that is no patch
+            cfg = json.loads(metadata["mmdelta.cfg"])
+            name = metadata.get("mmdelta.name", cfg.get("name"))
+        named.append((name, path))
+    seen: dict[str, Path] = {}
+    for name, path in named:
+        if name in seen:
+            raise ServingError(
+                f"two patches are named {name!r}: {seen[name]} and {path}; give them distinct "
+                f"names (Python: patches={{'{name}_a': ..., '{name}_b': ...}}; tools/infer.py: "
+                f"--patch {name}_a={seen[name]} --patch {name}_b={path})"
+            )
+        seen[name] = path
+    return named
+
+
+def _base_meta(model, cfg: Config) -> dict:
+    """The base's class names (and palette): the checkpoint's ``dataset_meta``, else the
+    config's ``delta_patch.base_classes``, else its test set's ``metainfo`` (plain
+    configs only: a patch config's test set is the patch's)."""
+    meta = getattr(model, "dataset_meta", None)
+    if meta and meta.get("classes"):
+        return dict(meta)
+    patch_cfg = cfg.get("delta_patch") or {}
+    if patch_cfg.get("base_classes"):
+        return {"classes": tuple(patch_cfg["base_classes"])}
+    if not patch_cfg:
+        metainfo = cfg.get("test_dataloader", {}).get("dataset", {}).get("metainfo") or {}
+        if metainfo.get("classes"):
+            return dict(metainfo)
+    return {"classes": None}  # unknown: labels are written as "class i"
+
+
+def _class_name(classes, label: int) -> str:
+    return str(classes[label]) if classes is not None and label < len(classes) else f"class {label}"
+
+
+class MultiPatchInferencer:
+    """One base model (loaded once) serving several patches, in the style of mmdet's
+    ``DetInferencer`` / mmseg's ``MMSegInferencer``.
+
+    Args:
+        config: the mmdet / mmseg config file (or ``Config``) of the base model; a patch
+            config (with ``delta_patch``) works too, its ``delta_patch`` key is ignored.
+        checkpoint: the base checkpoint (every key checked, see ``init_base_model``).
+        patches: patch files, each loaded under the name it was saved with, and/or
+            ``(name, file)`` pairs, or ``{name: file}``. Patches may carry their own class
+            sets; the same file may be loaded under two names.
+        device: where the model runs.
+
+    Attributes:
+        model: the base with every patch loaded (none active between calls).
+        inferencer: the upstream Inferencer around ``model`` (its pipeline is used).
+        task: ``"det"`` or ``"seg"``; ``patches``: ``{name: file}`` in loading order;
+        metas: ``{"base": meta, name: meta}``, each model's own ``classes`` (and palette).
+
+    Raises:
+        FileNotFoundError: config, checkpoint or a patch file missing (named).
+        ServingError: two patches with the same name.
+        PatchFileError: a file that is no patch, or a patch for another base.
+        CheckpointError: a checkpoint that does not fit the config's model.
+    """
+
+    def __init__(self, config, checkpoint, patches, device: str = "cpu"):
+        if isinstance(config, str | os.PathLike):
+            if not Path(config).is_file():
+                raise FileNotFoundError(f"config file {str(config)!r} does not exist")
+            config = Config.fromfile(str(config))
+        else:
+            config = copy.deepcopy(config)
+        if not Path(checkpoint).is_file():
+            raise FileNotFoundError(f"checkpoint {str(checkpoint)!r} does not exist")
+        named = _named_patches(patches)
+        scope = config.get("default_scope", "mmdet")
+        if scope == "mmdet":
+            from mmdet.apis import DetInferencer as Inferencer
+        elif scope == "mmseg":
+            from mmseg.apis import MMSegInferencer as Inferencer
+        else:
+            raise ServingError(f"no Inferencer for default_scope {scope!r} (mmdet or mmseg)")
+        self.task = "det" if scope == "mmdet" else "seg"
+        self.config = config.filename if getattr(config, "filename", None) else None
+        self.checkpoint = str(checkpoint)
+
+        model = init_base_model(config, str(checkpoint), device="cpu")
+        self.metas = {BASE: _base_meta(model, config)}
+        model.dataset_meta = dict(self.metas[BASE])  # what the upstream visualiser reads
+        for name, path in named:
+            load_patch(model, path, name=name, activate=False)
+            own = patch_classes(model, name)
+            self.metas[name] = {"classes": tuple(own)} if own else dict(self.metas[BASE])
+        set_active_patch(model, None)
+        model = model.to(device).eval()
+        self.patches = {name: str(path) for name, path in named}
+
+        class _Served(Inferencer):
+            def _init_model(self, cfg, weights, device="cpu"):
+                return model
+
+        self.inferencer = _Served(model=config, weights=None, device=device)
+        self.model = self.inferencer.model
+
+    # ------------------------------------------------------------------ inference
+
+    def _batch(self, image: Path) -> dict:
+        """One image through the Inferencer's pipeline and collate: ``{'inputs': [CHW
+        uint8], 'data_samples': [sample]}``, what ``model.test_step`` takes."""
+        return self.inferencer.collate_fn([self.inferencer.pipeline(str(image))])
+
+    @torch.no_grad()
+    def predict(self, images, chunk: int = 8) -> list[dict]:
+        """Predictions only: per image ``{"base": sample, "patches": {name: sample}}``
+        (``DetDataSample`` with ``pred_instances`` in original-image pixels /
+        ``SegDataSample`` with ``pred_sem_seg`` ``[1, H, W]``). Images are processed
+        ``chunk`` at a time, every model over a chunk before the next (a patch's folded
+        weights are built once per chunk). The selection is restored afterwards (no patch
+        active, unless the caller activated one)."""
+        paths = list_images(images)
+        out: list[dict] = []
+        saved = active_patch(self.model)
+        try:
+            for start in range(0, len(paths), chunk):
+                batches = [self._batch(p) for p in paths[start : start + chunk]]
+                rows = [{BASE: None, "patches": {}} for _ in batches]
+                for name in [None, *self.patches]:
+                    set_active_patch(self.model, name)
+                    for row, batch in zip(rows, batches, strict=True):
+                        (sample,) = self.model.test_step(copy.deepcopy(batch))
+                        if name is None:
+                            row[BASE] = sample
+                        else:
+                            row["patches"][name] = sample
+                out += rows
+        finally:
+            set_active_patch(self.model, saved)
+        return out
+
+    def __call__(
+        self,
+        images,
+        out_dir: str | os.PathLike | None = None,
+        score_thr: float = 0.3,
+        chunk: int = 8,
+    ) -> dict:
+        """Runs every image through the base and each patch; with ``out_dir``, writes the
+        pictures, label maps (seg) and ``results.json`` described in the module docstring.
+
+        Returns:
+            ``{"results": <the JSON content>, "predictions": [per image {"base": sample,
+            "patches": {name: sample}}], "files": {"json": path | None, "pictures":
+            [path per image], "label_maps": [paths]}}``.
+        """
+        paths = list_images(images)
+        out = Path(out_dir) if out_dir is not None else None
+        pictures, label_maps = self._output_paths(paths, out)
+        predictions = self.predict(paths, chunk=chunk)
+
+        records, written_maps = [], []
+        for i, (path, row) in enumerate(zip(paths, predictions, strict=True)):
+            record = {"image": str(path), "picture": None, BASE: None, "patches": {}}
+            models = [(BASE, row[BASE]), *row["patches"].items()]
+            for key, sample in models:
+                map_path = label_maps[i][key] if label_maps else None
+                summary = self._summary(sample, self.metas[key], score_thr, map_path)
+                if map_path is not None:
+                    written_maps.append(str(map_path))
+                if key == BASE:
+                    record[BASE] = summary
+                else:
+                    record["patches"][key] = summary
+            if pictures:
+                panels = [(self._title(key), sample, self.metas[key]) for key, sample in models]
+                record["picture"] = side_by_side(
+                    path, panels, pictures[i], task=self.task, score_thr=score_thr
+                )
+            records.append(record)
+
+        results = {
+            "task": self.task,
+            "config": self.config,
+            "checkpoint": self.checkpoint,
+            "score_thr": score_thr if self.task == "det" else None,
+            "models": {
+                BASE: {"classes": _listed(self.metas[BASE]["classes"])},
+                "patches": {
+                    name: {
+                        "file": file,
+                        "classes": _listed(self.metas[name]["classes"]),
+                        "own_classes": patch_classes(self.model, name) is not None,
+                    }
+                    for name, file in self.patches.items()
+                },
+            },
+            "images": records,
+        }
+        json_path = None
+        if out is not None:
+            json_path = str(
+                write_text_atomic(out / "results.json", json.dumps(results, indent=1) + "\n")
+            )
+        return {
+            "results": results,
+            "predictions": predictions,
+            "files": {
+                "json": json_path,
+                "pictures": [str(p) for p in pictures],
+                "label_maps": written_maps,
+            },
+        }
+
+    # ------------------------------------------------------------------ outputs
+
+    def _title(self, key: str) -> str:
+        classes = self.metas[key]["classes"]
+        count = f" ({len(classes)} classes)" if classes else ""
+        return f"base{count}" if key == BASE else f"patch {key}{count}"
+
+    def _output_paths(self, paths: list[Path], out: Path | None):
+        """Picture per image (``out/vis/<stem>.png``, ``_1``, ``_2``… for repeated stems)
+        and, for seg, label-map files per image and model; none of them an input image."""
+        if out is None:
+            return [], []
+        stems: dict[str, int] = {}
+        pictures, label_maps = [], []
+        for path in paths:
+            count = stems.get(path.stem, 0)
+            stems[path.stem] = count + 1
+            stem = path.stem if count == 0 else f"{path.stem}_{count}"
+            pictures.append(out / "vis" / f"{stem}.png")
+            if self.task == "seg":
+                folder = out / "label_maps" / stem
+                maps = {BASE: folder / "base.png"}
+                maps.update({name: folder / f"patch_{name}.png" for name in self.patches})
+                label_maps.append(maps)
+        inputs = {p.resolve() for p in paths}
+        targets = [*pictures, out / "results.json", *(m for d in label_maps for m in d.values())]
+        for target in targets:
+            if target.resolve() in inputs:
+                raise ServingError(
+                    f"writing {target} would overwrite an input image; choose another out_dir"
+                )
+        return pictures, label_maps
+
+    def _summary(self, sample, meta: Mapping, score_thr: float, map_path: Path | None) -> dict:
+        classes = meta.get("classes")
+        if self.task == "det":
+            pred = sample.pred_instances
+            keep = pred.scores > score_thr  # what the picture draws
+            labels = [int(v) for v in pred.labels[keep]]
+            return {
+                "bboxes": [[float(v) for v in box] for box in pred.bboxes[keep]],
+                "scores": [float(v) for v in pred.scores[keep]],
+                "labels": labels,
+                "label_names": [_class_name(classes, v) for v in labels],
+                "below_thr": int((~keep).sum()),
+            }
+        seg = sample.pred_sem_seg.data.reshape(sample.pred_sem_seg.data.shape[-2:]).cpu()
+        counts = torch.bincount(seg[seg != 255].reshape(-1).long())
+        pixels = {_class_name(classes, i): int(n) for i, n in enumerate(counts) if n > 0}
+        summary = {"shape": list(seg.shape), "pixels": pixels, "label_map": None}
+        if map_path is not None:
+            dtype = np.uint8 if int(seg.max()) < 256 else np.uint16
+            ok, data = cv2.imencode(".png", seg.numpy().astype(dtype))
+            if not ok:
+                raise RuntimeError(f"could not encode the label map {map_path}")
+            summary["label_map"] = str(write_bytes_atomic(map_path, data.tobytes()))
+        return summary
+
+
+def _listed(classes) -> list[str] | None:
+    return None if classes is None else [str(c) for c in classes]
