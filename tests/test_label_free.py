@@ -36,6 +36,7 @@ from mmdelta.apis import init_base_model
 from mmdelta.exactness import identical, tensor_outputs
 from mmdelta.label_free import (
     LabelFreeError,
+    NoImagesError,
     adapt_norm_stats,
     image_only_pipeline,
     list_images,
@@ -245,7 +246,7 @@ def test_errors_name_the_problem_and_leave_the_model_as_it_was(det, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "notes.txt").write_text("not an image")
-    with pytest.raises(LabelFreeError, match=r"holds no .*files"):
+    with pytest.raises(NoImagesError, match=r"holds no .*files"):
         adapt_norm_stats(model, empty, cfg=cfg)
     with pytest.raises(FileNotFoundError, match=r"no image file or folder at .*missing"):
         adapt_norm_stats(model, tmp_path / "missing", cfg=cfg)

@@ -25,6 +25,7 @@ from mmengine.registry import MODELS, init_default_scope
 from mmdelta import PatchFileError, apply_delta_patch, save_patch
 from mmdelta.apis import init_base_model, patched_inferencer
 from mmdelta.apis.serving import MultiPatchInferencer, ServingError
+from mmdelta.datasets.images import NoImagesError
 from mmdelta.datasets.synthetic import write_voc_dataset
 from mmdelta.demo.evaluate import first_difference
 from mmdelta.demo.pictures import GAP, MIN_SHORT_SIDE, TITLE_HEIGHT
@@ -224,7 +225,7 @@ def test_errors_name_what_to_fix(served, tmp_path, capsys):
     assert "two patches are named 'shift'" in capsys.readouterr().err
     assert infer.main([str(tmp_path / "no.jpg"), *common, "--patch", str(served["shift"]),
                        "--out-dir", str(tmp_path / "o")]) == 2  # fmt: skip
-    assert "no.jpg' does not exist" in capsys.readouterr().err
+    assert f"no image file or folder at {tmp_path / 'no.jpg'}" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
     base, config = served["base"], served["config"]
@@ -245,7 +246,7 @@ def test_errors_name_what_to_fix(served, tmp_path, capsys):
     with pytest.raises(ServingError, match="would overwrite an input image"):
         server(clash / "vis" / "x.png", out_dir=clash)
     (clash / "empty").mkdir()
-    with pytest.raises(ServingError, match="holds no image files"):
+    with pytest.raises(NoImagesError, match="holds no image files"):
         server(clash / "empty", out_dir=clash)
     assert sorted(p.name for p in clash.rglob("*")) == ["empty", "vis", "x.png"]
 

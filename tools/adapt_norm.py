@@ -31,7 +31,13 @@ from mmengine.config import Config, DictAction
 
 from mmdelta import DeltaPatchConfigError, save_patch
 from mmdelta.apis import init_base_model
-from mmdelta.label_free import LabelFreeError, adapt_norm_stats, list_images, stats_layers
+from mmdelta.label_free import (
+    LabelFreeError,
+    NoImagesError,
+    adapt_norm_stats,
+    list_images,
+    stats_layers,
+)
 from mmdelta.runner.checkpoint import CheckpointError
 
 
@@ -102,6 +108,7 @@ def main(argv=None) -> int:
         run(args)
     except (
         LabelFreeError,
+        NoImagesError,
         DeltaPatchConfigError,
         CheckpointError,
         FileNotFoundError,

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mmdelta import DeltaPatchConfigError, PatchFileError
 from mmdelta.apis.serving import MultiPatchInferencer, ServingError
+from mmdelta.datasets.images import NoImagesError
 from mmdelta.runner.checkpoint import CheckpointError
 
 NAMED = re.compile(r"^([A-Za-z][A-Za-z0-9_]*)=(.+)$")
@@ -73,6 +74,7 @@ def main(argv=None) -> int:
     except (
         FileNotFoundError,
         ServingError,
+        NoImagesError,
         PatchFileError,
         CheckpointError,
         DeltaPatchConfigError,

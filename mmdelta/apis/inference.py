@@ -115,6 +115,21 @@ def init_patched_model(
     return model.to(device).eval()
 
 
+def inferencer_class(cfg: Config) -> type:
+    """The upstream Inferencer for a config: ``DetInferencer`` (``default_scope='mmdet'``,
+    the default) or ``MMSegInferencer`` (``'mmseg'``); ``ValueError`` for any other scope."""
+    scope = cfg.get("default_scope", "mmdet")
+    if scope == "mmdet":
+        from mmdet.apis import DetInferencer
+
+        return DetInferencer
+    if scope == "mmseg":
+        from mmseg.apis import MMSegInferencer
+
+        return MMSegInferencer
+    raise ValueError(f"no Inferencer for default_scope {scope!r} (mmdet or mmseg)")
+
+
 def patched_inferencer(
     config,
     checkpoint: str,
@@ -128,13 +143,7 @@ def patched_inferencer(
     visualiser takes the class names of the patch active at construction.
     """
     cfg = _config(config)
-    scope = cfg.get("default_scope", "mmdet")
-    if scope == "mmdet":
-        from mmdet.apis import DetInferencer as Inferencer
-    elif scope == "mmseg":
-        from mmseg.apis import MMSegInferencer as Inferencer
-    else:
-        raise ValueError(f"patched_inferencer: no Inferencer for default_scope {scope!r}")
+    Inferencer = inferencer_class(cfg)
 
     class PatchedInferencer(Inferencer):
         def _init_model(self, cfg, weights, device="cpu"):

@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 import cv2
@@ -37,45 +37,19 @@ from mmengine.config import Config
 
 # side_by_side lives with the demo's report pictures; it is the one drawing routine for
 # "base and patches side by side, each with its own class names", so it is reused here.
+from ..datasets.images import list_images
 from ..demo.pictures import side_by_side
 from ..fileio import write_bytes_atomic, write_text_atomic
 from ..patching import active_patch, load_patch, patch_classes, set_active_patch
 from ..patching.files import read_patch_file
-from .inference import init_base_model
+from .inference import inferencer_class, init_base_model
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 BASE = "base"  # the base model's key in results (patches are under "patches")
 
 
 class ServingError(ValueError):
-    """Inputs :class:`MultiPatchInferencer` refuses: duplicate patch names, no images,
-    outputs that would overwrite an input."""
-
-
-def list_images(images: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    """Image files, in the order given; a folder contributes its image files (sorted by
-    name, not recursive). Raises ``FileNotFoundError`` naming a missing path and
-    :class:`ServingError` when nothing is left."""
-    items = [images] if isinstance(images, str | os.PathLike) else list(images)
-    found: list[Path] = []
-    for item in items:
-        path = Path(item)
-        if path.is_dir():
-            inside = sorted(
-                p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS
-            )
-            if not inside:
-                raise ServingError(
-                    f"folder {path} holds no image files ({', '.join(IMG_EXTENSIONS)})"
-                )
-            found += inside
-        elif path.is_file():
-            found.append(path)
-        else:
-            raise FileNotFoundError(f"image {str(path)!r} does not exist")
-    if not found:
-        raise ServingError("no images given")
-    return found
+    """Inputs :class:`MultiPatchInferencer` refuses: duplicate patch names, outputs that
+    would overwrite an input (no images: ``mmdelta.datasets.images.NoImagesError``)."""
 
 
 def _named_patches(patches) -> list[tuple[str, Path]]:
@@ -171,12 +145,7 @@ class MultiPatchInferencer:
             raise FileNotFoundError(f"checkpoint {str(checkpoint)!r} does not exist")
         named = _named_patches(patches)
         scope = config.get("default_scope", "mmdet")
-        if scope == "mmdet":
-            from mmdet.apis import DetInferencer as Inferencer
-        elif scope == "mmseg":
-            from mmseg.apis import MMSegInferencer as Inferencer
-        else:
-            raise ServingError(f"no Inferencer for default_scope {scope!r} (mmdet or mmseg)")
+        Inferencer = inferencer_class(config)
         self.task = "det" if scope == "mmdet" else "seg"
         self.config = config.filename if getattr(config, "filename", None) else None
         self.checkpoint = str(checkpoint)

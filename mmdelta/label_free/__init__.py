@@ -6,12 +6,11 @@ the base untouched. ``tools/adapt_norm.py`` is its command line; ``tools/label_f
 measures it on the main job's appearance-shift tasks.
 """
 
+from ..datasets.images import IMAGE_SUFFIXES, NoImagesError, list_images
 from .norm_stats import (
-    IMAGE_SUFFIXES,
     LabelFreeError,
     adapt_norm_stats,
     image_only_pipeline,
-    list_images,
     stats_layers,
     unlabelled_loader,
 )
@@ -19,6 +18,7 @@ from .norm_stats import (
 __all__ = [
     "IMAGE_SUFFIXES",
     "LabelFreeError",
+    "NoImagesError",
     "adapt_norm_stats",
     "image_only_pipeline",
     "list_images",

@@ -48,12 +48,10 @@ import torch
 from torch import nn
 
 from ..branches.owned import PatchOwned, tracks_running_stats
+from ..datasets.images import list_images
 from ..patching import active_patch, apply_delta_patch, remove_patch, set_active_patch
 from ..patching.config import default_targets
 from ..patching.targets import base_modules, norm_layers
-
-#: file name suffixes read as images (case-insensitive)
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 
 class LabelFreeError(ValueError):
@@ -61,37 +59,6 @@ class LabelFreeError(ValueError):
 
 
 # --------------------------------------------------------------------------- images
-
-
-def list_images(images: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    """The image files named by ``images``: a folder (its ``.jpg``/``.jpeg``/``.png``/``.bmp``
-    files, sorted, not recursive), one file, or a list of files and folders.
-
-    Raises:
-        FileNotFoundError: a named file or folder does not exist.
-        LabelFreeError: no image file at all.
-    """
-    entries = [images] if isinstance(images, str | os.PathLike) else list(images)
-    files: list[Path] = []
-    for entry in entries:
-        path = Path(entry)
-        if path.is_dir():
-            found = sorted(
-                p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-            )
-            if not found:
-                raise LabelFreeError(
-                    f"image folder {path} holds no {'/'.join(IMAGE_SUFFIXES)} files (folders "
-                    "are not searched recursively: name the folder that holds the images)"
-                )
-            files.extend(found)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise FileNotFoundError(f"no image file or folder at {path}")
-    if not files:
-        raise LabelFreeError("no images given: name a folder of images or image files")
-    return files
 
 
 def _find_pipeline(dataset) -> list | None:
