@@ -1,0 +1,279 @@
+"""tools/benchmark.py: a tiny smoke run checks every JSON field, the plot and the Δ methods'
+exactness (independently of the tool); the methods, PAINT, targets and errors in isolation."""
+
+import copy
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mm_models import build_model
+from mmengine.config import Config
+from tool_runs import run_tool
+
+from mmdelta.apis import init_base_model, init_patched_model
+from mmdelta.benchmark import BenchmarkError, comparison_methods, interpolate, method_config
+from mmdelta.benchmark.methods import backbone_stages, heads
+from mmdelta.benchmark.report import (
+    LATENCY_FIELDS,
+    METHOD_FIELDS,
+    PAINT_FIELDS,
+    TARGETS,
+    TOP_FIELDS,
+    recommend,
+)
+from mmdelta.benchmark.settings import real_setting
+from mmdelta.demo.evaluate import evaluate, first_difference
+from mmdelta.patching import apply_delta_patch, delta_disabled
+from mmdelta.patching.config import resolve_config
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_SHIFT = ROOT / "configs/demo/det_shapes_shifted.py"
+
+
+# --------------------------------------------------------------------------- smoke run
+
+
+@pytest.mark.slow
+def test_tiny_benchmark_writes_every_field_plot_and_keeps_the_base_exact(tmp_path):
+    out = tmp_path / "bench"
+    proc = run_tool(
+        ROOT / "tools/benchmark.py",
+        "--size",
+        "tiny",
+        "--out",
+        out,
+        "--data",
+        tmp_path / "data",
+        "--base-dir",
+        tmp_path / "base",
+        "--placements",
+        "4,none",
+        "--branch-types",
+        "ScaleShiftDelta",
+        "--ranks",
+        "",
+        "--cost-repeats",
+        "2",
+        "--cost-steps",
+        "1",
+        "--cost-warmup",
+        "1",
+        "--latency-images",
+        "2",
+        timeout=1500,
+    )
+    assert "## Targets" in proc.stdout
+    report = json.loads((out / "benchmark.json").read_text())
+    assert set(TOP_FIELDS) <= set(report), set(TOP_FIELDS) - set(report)
+    ids = [r["id"] for r in report["methods"]]
+    assert ids == [
+        "full_ft",
+        "head_only",
+        "norm_only",
+        "lora_conv",
+        "delta",
+        "delta_stages_4",
+        "delta_stages_none",
+        "delta_ScaleShiftDelta",
+    ]
+    ckpt = report["setting"]["checkpoint_bytes"]
+    assert ckpt == os.path.getsize(report["setting"]["checkpoint"])
+    for row in report["methods"]:
+        assert set(METHOD_FIELDS) <= set(row), (row["id"], set(METHOD_FIELDS) - set(row))
+        assert 0 <= row["new_task"] <= 1 and 0 <= row["base_task"] <= 1
+        assert row["iterations"] == 2 and row["train_seconds"] > 0
+        assert row["patch_bytes"] == os.path.getsize(row["checkpoint"])
+        assert row["patch_to_checkpoint"] == pytest.approx(row["patch_bytes"] / ckpt)
+        assert row["step_seconds"] > 0 and row["peak_memory_bytes"] > 0
+        assert len(row["cost_runs"]) == 2  # one fresh process per repeat
+        assert row["step_time_ratio"] > 0 and row["peak_memory_ratio"] > 0
+        if row["family"] == "full_ft":
+            assert row["delta_patch"] is None and row["latency"] is None
+            assert row["patch_fraction"] == 1.0 and row["step_time_ratio"] == 1.0
+            assert row["lr"] == pytest.approx(1e-4)
+        else:
+            assert row["base_identical"] is True, row["first_difference"]
+            assert row["retention"] == 1.0 and row["exactness_checked_on"] == "base task"
+            assert set(LATENCY_FIELDS) == set(row["latency"])
+            assert row["latency"]["unmerged_ratio"] > 0 and row["latency"]["merged_ratio"] > 0
+            assert 0 < row["patch_fraction"] < 0.2
+    by_id = {r["id"]: r for r in report["methods"]}
+    assert by_id["head_only"]["delta_params"] == 0 and by_id["head_only"]["owned_params"] > 0
+    assert by_id["delta"]["delta_patch"]["targets"][0] == "backbone"
+    assert by_id["delta_stages_4"]["delta_patch"]["targets"][0] == "backbone.layer4"
+
+    alphas = [p["alpha"] for p in report["paint"]]
+    assert alphas == [round(0.1 * i, 1) for i in range(11)]
+    for p in report["paint"]:
+        assert set(PAINT_FIELDS) == set(p)
+    # α = 0 is the base, α = 1 the fully fine-tuned model
+    assert report["paint"][0]["base_task"] == report["base"]["base_task"]
+    assert report["paint"][-1]["new_task"] == by_id["full_ft"]["new_task"]
+    assert report["paint"][-1]["base_task"] == by_id["full_ft"]["base_task"]
+    assert set(report["targets"]) == {t[0] for t in TARGETS}
+    for t in report["targets"].values():
+        assert {"what", "value", "target", "op", "met"} == set(t)
+    assert report["targets"]["base_identical"]["met"] is True
+    assert report["recommended"]["id"] in ids
+    png = (out / "tradeoff.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert "PAINT" in (out / "benchmark.md").read_text()
+
+    # independently of the tool: each Δ method's patch, switched off, predicts what the base does
+    cfg = Config.fromfile(str(Path(by_id["delta"]["work_dir"]) / "config.py"))
+    base_cfg = copy.deepcopy(cfg)
+    base_root = str(tmp_path / "data" / "det_base_tiny")
+    base_cfg.merge_from_dict(
+        {f"{k}.dataset.data_root": base_root for k in ("test_dataloader", "val_dataloader")}
+    )
+    base = evaluate(init_base_model(cfg, report["setting"]["checkpoint"]), base_cfg)
+    for row in report["methods"][1:]:
+        patched = init_patched_model(cfg, report["setting"]["checkpoint"], row["checkpoint"])
+        with delta_disabled(patched):
+            off = evaluate(patched, base_cfg)
+        assert first_difference(base.predictions, off.predictions) is None, row["id"]
+
+
+def test_tool_reports_a_config_without_delta_patch(tmp_path):
+    proc = run_tool(
+        ROOT / "tools/benchmark.py",
+        "--config",
+        ROOT / "configs/demo/det_shapes_base.py",
+        "--checkpoint",
+        DEMO_SHIFT,  # any existing file: the config is refused first
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert "benchmark: error" in proc.stderr and "delta_patch" in proc.stderr
+
+
+# --------------------------------------------------------------------------- methods
+
+
+@pytest.fixture(scope="module")
+def shift_cfg():
+    return Config.fromfile(str(DEMO_SHIFT))
+
+
+def _demo_model(cfg):
+    from mmdelta.apis.inference import _build
+
+    model, _ = _build(copy.deepcopy(cfg), None)
+    return model
+
+
+def test_methods_cover_the_issue_and_each_config_applies(shift_cfg):
+    model = _demo_model(shift_cfg)
+    methods = comparison_methods(shift_cfg, model, ft_lr=3e-4)
+    ids = [m.id for m in methods]
+    assert ids[:5] == ["full_ft", "head_only", "norm_only", "lora_conv", "delta"]
+    assert {"delta_stages_3", "delta_stages_4", "delta_stages_none"} <= set(ids)
+    assert {"delta_ScaleShiftDelta", "delta_BlockDelta", "delta_rank4", "delta_rank16"} <= set(ids)
+    assert heads(model) == ["rpn_head", "roi_head"]
+    for method in methods:
+        cfg = method_config(shift_cfg, method)
+        if method.id == "full_ft":
+            assert "delta_patch" not in cfg and cfg.get("runner_type") != "DeltaRunner"
+            assert cfg.load_from == shift_cfg.load_from
+            assert cfg.optim_wrapper.optimizer.lr == 3e-4
+            assert not any("mmdelta" in str(h) for h in cfg.get("custom_hooks", []))
+            continue
+        assert cfg.optim_wrapper.optimizer.lr == shift_cfg.optim_wrapper.optimizer.lr
+        target = copy.deepcopy(model)
+        summary = apply_delta_patch(target, cfg.delta_patch)  # raises if it does not apply
+        assert summary.delta_params + summary.owned_params > 0, method.id
+    by_id = {m.id: m for m in methods}
+    assert by_id["delta"].delta_patch == dict(shift_cfg.delta_patch)
+    assert by_id["head_only"].delta_patch["trainable"] == ["rpn_head", "roi_head"]
+    assert by_id["lora_conv"].delta_patch["task_norm"] is False
+    assert by_id["delta_stages_3"].delta_patch["targets"][:2] == [
+        "backbone.layer3",
+        "backbone.layer4",
+    ]
+    assert by_id["delta_rank16"].delta_patch["branch"]["rank"] == 16
+    # the original config is not touched
+    assert shift_cfg.delta_patch["targets"][0] == "backbone"
+
+
+def test_backbone_stages_of_resnet_and_convnext():
+    assert backbone_stages(build_model("retinanet_r18_fpn")) == [
+        [f"backbone.layer{i}"] for i in range(1, 5)
+    ]
+    stages = backbone_stages(build_model("upernet_convnext"))
+    assert stages[0] == ["backbone.downsample_layers.0", "backbone.stages.0"]
+    assert len(stages) == 4
+
+
+def test_methods_refuse_bad_settings(shift_cfg):
+    model = _demo_model(shift_cfg)
+    with pytest.raises(BenchmarkError, match="stages 1–4"):
+        comparison_methods(shift_cfg, model, 1e-4, placements=("5",))
+    plain = copy.deepcopy(shift_cfg)
+    plain.pop("delta_patch")
+    with pytest.raises(BenchmarkError, match="must carry a `delta_patch`"):
+        comparison_methods(plain, model, 1e-4)
+    classes = copy.deepcopy(shift_cfg)
+    classes.delta_patch["classes"] = ["a", "b"]
+    ft = comparison_methods(classes, model, 1e-4, placements=())[0]
+    with pytest.raises(BenchmarkError, match="--finetune-config"):
+        method_config(classes, ft)
+    resolve_config(model, comparison_methods(classes, model, 1e-4)[1].delta_patch)
+
+
+# --------------------------------------------------------------------------- PAINT
+
+
+def test_paint_interpolation_ends_exact_and_mixes_floats_only():
+    torch.manual_seed(0)
+    base = {"w": torch.randn(3, 4), "n": torch.tensor(5)}
+    ft = {"w": torch.randn(3, 4), "n": torch.tensor(9)}
+    assert torch.equal(interpolate(base, ft, 0.0)["w"], base["w"])
+    assert torch.equal(interpolate(base, ft, 1.0)["w"], ft["w"])
+    mid = interpolate(base, ft, 0.3)
+    assert torch.allclose(mid["w"], 0.7 * base["w"] + 0.3 * ft["w"], atol=1e-6)
+    assert mid["n"].item() == 5 and interpolate(base, ft, 0.7)["n"].item() == 9
+    with pytest.raises(ValueError, match="same state dict keys"):
+        interpolate(base, {"w": ft["w"]}, 0.5)
+    with pytest.raises(ValueError, match="shape"):
+        interpolate(base, {"w": torch.zeros(2), "n": ft["n"]}, 0.5)
+
+
+# --------------------------------------------------------------------------- choice, errors
+
+
+def test_recommended_default_is_the_cheapest_within_five_percent_of_the_best():
+    def row(i, new, step, size=1):
+        return dict(
+            id=i,
+            label=i,
+            family="delta",
+            new_task=new,
+            step_seconds=step,
+            patch_bytes=size,
+            delta_patch={},
+        )
+
+    rows = [row("a", 0.90, 1.0), row("b", 0.87, 0.5), row("c", 0.80, 0.1)]
+    rows.append(dict(row("ft", 0.99, 2.0), family="full_ft"))
+    choice = recommend(rows)
+    assert choice["id"] == "b" and choice["candidates"] == ["b", "a"]
+
+
+def test_real_setting_names_what_to_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--config"):
+        real_setting(tmp_path / "nope.py")
+    with pytest.raises(FileNotFoundError, match="base checkpoint"):
+        real_setting(DEMO_SHIFT, checkpoint=str(tmp_path / "base.pth"))
+    ckpt = tmp_path / "base.pth"
+    ckpt.write_bytes(b"x")
+    from mmdelta.datasets.paths import DatasetPathError
+
+    with pytest.raises(DatasetPathError, match=str(tmp_path / "nodata")):
+        real_setting(DEMO_SHIFT, checkpoint=str(ckpt), data_root=str(tmp_path / "nodata"))
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))

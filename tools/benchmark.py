@@ -1,0 +1,138 @@
+"""Benchmark Δ-Patching against full fine-tuning, head-only, norm-only, LoRA-conv and PAINT.
+
+Embedded task (generated data, the demo's cached base; offline, CPU):
+
+    .venv/bin/python tools/benchmark.py [--story det|seg] [--size full|tiny] [--out DIR]
+
+Real data (a Δ training config of the new task, e.g. configs/delta_faster_rcnn_voc.py):
+
+    .venv/bin/python tools/benchmark.py --config DELTA_CONFIG [--checkpoint BASE.pth]
+        [--base-config BASE_CONFIG] [--finetune-config FT_CONFIG] [--data-root DIR]
+        [--base-data-root DIR] [--metric KEY]
+
+Every method trains from the same base with the config's schedule (its own delta_patch is
+Δ-Patching's default; variants change placement by stage, branch type and rank one at a
+time); all are scored on the new task and on the base task (Δ methods with the patch off,
+checked prediction by prediction), costed side by side (step time, peak memory: a fresh
+process per method and repeat, order rotated; inference latency unmerged / merged vs the
+base) and, where the head is shared, compared with PAINT interpolation α = 0 … 1. Writes
+OUT/benchmark.json, benchmark.md and tradeoff.png.
+"""
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+warnings.filterwarnings("ignore", message="pkg_resources is deprecated")  # mmengine 0.10.7
+
+from mmengine.config import DictAction
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _csv(kind):
+    def parse(text: str):
+        return tuple(kind(v) for v in text.split(",") if v.strip())
+
+    return parse
+
+
+def _default_base_dir(story: str, size: str) -> Path:
+    """The demo's cached base for the full size (shared with tools/demo.py); a tiny base
+    elsewhere, so a smoke run never replaces the demo's."""
+    if size == "full":
+        return ROOT / "work_dirs/demo" / story
+    return ROOT / "work_dirs/benchmark" / f"base_{story}_{size}"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    embedded = parser.add_argument_group("embedded task (default)")
+    embedded.add_argument("--story", choices=["det", "seg"], default="det")
+    embedded.add_argument("--size", choices=["full", "tiny"], default="full")
+    embedded.add_argument("--data", default=str(ROOT / "data/demo"), help="generated data cache")
+    embedded.add_argument(
+        "--base-dir",
+        help="cached base folder (default: the demo's work_dirs/demo/<story> for --size full)",
+    )
+    real = parser.add_argument_group("real data")
+    real.add_argument("--config", help="Δ training config of the new task (has delta_patch)")
+    real.add_argument("--checkpoint", help="base checkpoint (default: the config's load_from)")
+    real.add_argument("--base-config", help="the base's config: its test set = the base task")
+    real.add_argument("--finetune-config", help="full fine-tuning config (new class sets)")
+    real.add_argument("--data-root", help="data_root of the new task's datasets")
+    real.add_argument("--base-data-root", help="data_root of the base task's test set")
+    real.add_argument("--metric", help="evaluator key to compare (default: mAP / mIoU)")
+    real.add_argument("--cfg-options", nargs="+", action=DictAction, help="config overrides")
+    parser.add_argument("--out", help="output folder (default work_dirs/benchmark/<name>)")
+    parser.add_argument("--ft-lr", type=float, default=1e-4, help="full fine-tuning lr")
+    parser.add_argument(
+        "--placements",
+        type=_csv(str),
+        default=("3", "4", "none"),
+        help="Δ variants by backbone stage: 'k' = stages k…, 'none'; '' for none",
+    )
+    parser.add_argument("--branch-types", type=_csv(str), default=("ScaleShiftDelta", "BlockDelta"))
+    parser.add_argument("--ranks", type=_csv(int), default=(4, 16))
+    parser.add_argument("--methods", type=_csv(str), help="method ids to run (full_ft always)")
+    parser.add_argument("--iters", type=int, help="training iterations of every method")
+    parser.add_argument("--cost-repeats", type=int, default=3)
+    parser.add_argument("--cost-steps", type=int, default=8)
+    parser.add_argument("--cost-warmup", type=int, default=2)
+    parser.add_argument("--latency-images", type=int, default=20)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from mmdelta.benchmark import BenchmarkError, Options, run_benchmark
+    from mmdelta.benchmark.settings import embedded_setting, real_setting
+    from mmdelta.datasets.paths import DatasetPathError
+    from mmdelta.patching import DeltaPatchConfigError
+
+    try:
+        if args.config:
+            setting = real_setting(
+                args.config,
+                args.checkpoint,
+                args.base_config,
+                args.finetune_config,
+                args.data_root,
+                args.base_data_root,
+                args.metric,
+                args.cfg_options,
+            )
+        else:
+            setting = embedded_setting(
+                args.story,
+                args.size,
+                args.data,
+                ROOT / "configs/demo",
+                args.base_dir or _default_base_dir(args.story, args.size),
+            )
+        options = Options(
+            ft_lr=args.ft_lr,
+            placements=args.placements,
+            branch_types=args.branch_types,
+            ranks=args.ranks,
+            methods=args.methods,
+            cost_repeats=args.cost_repeats,
+            cost_steps=args.cost_steps,
+            cost_warmup=args.cost_warmup,
+            latency_images=args.latency_images,
+            iterations=args.iters,
+        )
+        out = args.out or ROOT / "work_dirs/benchmark" / (
+            setting.name if args.config else f"{setting.name}_{args.size}"
+        )
+        report = run_benchmark(setting, out, options)
+    except (BenchmarkError, DatasetPathError, DeltaPatchConfigError, FileNotFoundError) as err:
+        print(f"benchmark: error: {err}", file=sys.stderr)
+        return 1
+    print(Path(report["files"]["markdown"]).read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
