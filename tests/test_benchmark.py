@@ -24,7 +24,8 @@ from mmdelta.benchmark.report import (
     TOP_FIELDS,
     recommend,
 )
-from mmdelta.benchmark.settings import real_setting
+from mmdelta.benchmark.run import _set_iterations
+from mmdelta.benchmark.settings import config_file, real_setting
 from mmdelta.demo.evaluate import evaluate, first_difference
 from mmdelta.patching import apply_delta_patch, delta_disabled
 from mmdelta.patching.config import resolve_config
@@ -273,6 +274,22 @@ def test_real_setting_names_what_to_fix(tmp_path):
 
     with pytest.raises(DatasetPathError, match=str(tmp_path / "nodata")):
         real_setting(DEMO_SHIFT, checkpoint=str(ckpt), data_root=str(tmp_path / "nodata"))
+    # the real configs' load_from is a URL: nothing is downloaded, the message says what to do
+    with pytest.raises(FileNotFoundError, match="download it or pass --checkpoint"):
+        real_setting(ROOT / "configs/delta_faster_rcnn_voc.py")
+    # package::path names resolve to the installed configs
+    assert Path(config_file("mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py")).is_file()
+    with pytest.raises(FileNotFoundError, match=r"--base-config 'mmdet::x/nope\.py'"):
+        real_setting(DEMO_SHIFT, checkpoint=str(ckpt), base_config="mmdet::x/nope.py")
+
+
+def test_iterations_override_needs_an_iteration_based_schedule(shift_cfg):
+    cfg = copy.deepcopy(shift_cfg)
+    _set_iterations(cfg, 7)
+    assert cfg.train_cfg.max_iters == 7 and cfg.param_scheduler[-1]["end"] == 7
+    epochs = Config.fromfile(str(ROOT / "configs/finetune_faster_rcnn_voc.py"))
+    with pytest.raises(BenchmarkError, match="iteration-based"):
+        _set_iterations(epochs, 7)
 
 
 if __name__ == "__main__":

@@ -66,7 +66,12 @@ def parse_args(argv=None):
     real.add_argument("--metric", help="evaluator key to compare (default: mAP / mIoU)")
     real.add_argument("--cfg-options", nargs="+", action=DictAction, help="config overrides")
     parser.add_argument("--out", help="output folder (default work_dirs/benchmark/<name>)")
-    parser.add_argument("--ft-lr", type=float, default=1e-4, help="full fine-tuning lr")
+    parser.add_argument(
+        "--ft-lr",
+        type=float,
+        help="full fine-tuning's lr (default: --finetune-config's own; else 1e-4 with the Δ "
+        "config's optimiser and schedule)",
+    )
     parser.add_argument(
         "--placements",
         type=_csv(str),

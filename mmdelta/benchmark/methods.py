@@ -99,7 +99,7 @@ def _patch(default: dict, **changes) -> dict:
 def comparison_methods(
     cfg,
     model: nn.Module,
-    ft_lr: float,
+    ft_lr: float | None,
     placements: tuple[str, ...] = ("3", "4", "none"),
     branch_types: tuple[str, ...] = ("ScaleShiftDelta", "BlockDelta"),
     ranks: tuple[int, ...] = (4, 16),

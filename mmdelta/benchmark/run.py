@@ -65,9 +65,14 @@ class Setting:
         return self.task_cfg.delta_patch.get("classes") is None
 
 
+#: full fine-tuning's lr when it runs the Δ config's optimiser and schedule (AdamW there)
+DEFAULT_FT_LR = 1e-4
+
+
 @dataclass
 class Options:
-    ft_lr: float = 1e-4
+    #: full fine-tuning's lr; None: the --finetune-config's own, else DEFAULT_FT_LR
+    ft_lr: float | None = None
     placements: tuple[str, ...] = ("3", "4", "none")
     branch_types: tuple[str, ...] = ("ScaleShiftDelta", "BlockDelta")
     ranks: tuple[int, ...] = (4, 16)
@@ -126,10 +131,13 @@ def run_benchmark(
         f"{_fmt(base_scores['new_task'])} ({key})"
     )
 
+    ft_lr = options.ft_lr
+    if ft_lr is None and setting.finetune_cfg is None:
+        ft_lr = DEFAULT_FT_LR
     methods = comparison_methods(
         task_cfg,
         base_model,
-        options.ft_lr,
+        ft_lr,
         options.placements,
         options.branch_types,
         options.ranks,
@@ -183,7 +191,7 @@ def run_benchmark(
             task_config=task_cfg.filename,
             base_config=base_cfg.filename if base_cfg is not None else None,
             iterations=task_cfg.train_cfg.get("max_iters"),
-            ft_lr=options.ft_lr,
+            ft_lr=ft_lr,
             cost=dict(
                 repeats=options.cost_repeats,
                 steps=options.cost_steps,
@@ -208,6 +216,12 @@ def run_benchmark(
 
 
 def _set_iterations(cfg: Config, iters: int) -> None:
+    loop = str(cfg.train_cfg.get("type", "")).split(".")[-1]
+    if loop != "IterBasedTrainLoop":
+        raise BenchmarkError(
+            f"--iters needs an iteration-based schedule; {cfg.filename} trains with "
+            f"{loop or cfg.train_cfg} (set its schedule in the config instead)"
+        )
     cfg.merge_from_dict(
         {
             "train_cfg.max_iters": iters,

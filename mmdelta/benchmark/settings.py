@@ -63,10 +63,26 @@ def _set_data_root(node, root: str) -> int:
     return count
 
 
+def config_file(path: str | Path) -> str:
+    """``path``, or the installed file a ``package::relative/path.py`` name stands for
+    (``mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py``: mmdet's own configs)."""
+    if "::" not in str(path):
+        return str(path)
+    from mmengine.config.utils import _get_package_and_cfg_path
+    from mmengine.utils import get_installed_path
+
+    try:
+        package, relative = _get_package_and_cfg_path(str(path))
+    except ValueError as err:
+        raise FileNotFoundError(f"config {str(path)!r}: {err}") from err
+    return str(Path(get_installed_path(package)) / ".mim" / "configs" / relative)
+
+
 def _load(path: str | Path, what: str, cfg_options: dict | None) -> Config:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
-    cfg = Config.fromfile(str(path))
+    file = config_file(path)
+    if not Path(file).is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist ({file})")
+    cfg = Config.fromfile(file)
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
     return cfg
