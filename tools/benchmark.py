@@ -82,7 +82,13 @@ def parse_args(argv=None):
     parser.add_argument("--ranks", type=_csv(int), default=(4, 16))
     parser.add_argument("--methods", type=_csv(str), help="method ids to run (full_ft always)")
     parser.add_argument("--iters", type=int, help="training iterations of every method")
-    parser.add_argument("--cost-repeats", type=int, default=3)
+    parser.add_argument("--cost-repeats", type=int, default=3, help="0: no step-time / memory runs")
+    parser.add_argument("--no-paint", action="store_true", help="skip the PAINT α sweep")
+    parser.add_argument(
+        "--rerender",
+        metavar="OUT",
+        help="rewrite OUT's benchmark.md / tradeoff.png (and targets) from its benchmark.json",
+    )
     parser.add_argument("--cost-steps", type=int, default=8)
     parser.add_argument("--cost-warmup", type=int, default=2)
     parser.add_argument("--latency-images", type=int, default=20)
@@ -91,6 +97,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.rerender:
+        from mmdelta.benchmark.report import rerender
+
+        print(Path(rerender(args.rerender)["files"]["markdown"]).read_text())
+        return 0
     from mmdelta.benchmark import BenchmarkError, Options, run_benchmark
     from mmdelta.benchmark.settings import embedded_setting, real_setting
     from mmdelta.datasets.paths import DatasetPathError
@@ -127,6 +138,7 @@ def main(argv=None) -> int:
             cost_warmup=args.cost_warmup,
             latency_images=args.latency_images,
             iterations=args.iters,
+            paint=not args.no_paint,
         )
         out = args.out or ROOT / "work_dirs/benchmark" / (
             setting.name if args.config else f"{setting.name}_{args.size}"

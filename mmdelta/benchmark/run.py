@@ -82,6 +82,7 @@ class Options:
     cost_warmup: int = 2
     latency_images: int = 20
     latency_repeats: int = 2
+    paint: bool = True  # PAINT α sweep (same-class tasks)
     iterations: int | None = None  # training iterations of every method (None: the config's)
 
 
@@ -173,13 +174,15 @@ def run_benchmark(
         rows.append(row)
 
     paint = []
-    if ft_state is not None and setting.same_classes:
+    if options.paint and ft_state is not None and setting.same_classes:
         paint = _paint(setting, key, ft_state, log)
 
-    log(f"== training cost: {len(configs)} methods × {options.cost_repeats} repeats")
-    costs = training_costs(
-        configs, options.cost_repeats, options.cost_steps, options.cost_warmup, log=log
-    )
+    costs = {}
+    if options.cost_repeats > 0:
+        log(f"== training cost: {len(configs)} methods × {options.cost_repeats} repeats")
+        costs = training_costs(
+            configs, options.cost_repeats, options.cost_steps, options.cost_warmup, log=log
+        )
     report = assemble(
         setting=dict(
             name=setting.name,
