@@ -251,23 +251,32 @@ def test_paint_interpolation_ends_exact_and_mixes_floats_only():
 # --------------------------------------------------------------------------- choice, errors
 
 
-def test_recommended_default_is_the_cheapest_within_five_percent_of_the_best():
-    def row(i, new, step, size=1):
+def test_recommended_default_is_the_best_mergable_row_within_the_delta_budget():
+    def row(i, new, step, fraction=0.03, merged=1.0):
+        latency = dict(merged_ratio=merged)
         return dict(
             id=i,
             label=i,
             family="delta",
             new_task=new,
             step_seconds=step,
-            patch_bytes=size,
+            delta_fraction=fraction,
+            latency=latency,
             delta_patch={},
         )
 
-    rows = [row("a", 0.90, 1.0), row("b", 0.885, 0.5), row("c", 0.80, 0.1)]
-    rows.append(dict(row("ft", 0.99, 2.0), family="full_ft"))
+    rows = [
+        row("a", 0.880, 1.0),
+        row("b", 0.875, 0.5),
+        row("c", 0.80, 0.1),
+        row("big", 0.95, 1.0, fraction=0.06),
+        row("block", 0.90, 1.0, merged=None),
+        dict(row("ft", 0.99, 2.0), family="full_ft"),
+    ]
     choice = recommend(rows)
-    assert choice["id"] == "b" and choice["candidates"] == ["b", "a"]
-    assert recommend(rows, tolerance=0.01)["id"] == "a"
+    assert choice["id"] == "a" and choice["close"] == ["b"]
+    assert choice["excluded"] == ["big", "block"]
+    assert recommend(rows, max_delta_fraction=0.1)["id"] == "big"
 
 
 def test_real_setting_names_what_to_fix(tmp_path):

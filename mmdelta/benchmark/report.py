@@ -178,25 +178,32 @@ def targets(report: dict) -> dict:
     }
 
 
-def recommend(rows: list[dict], tolerance: float = 0.02) -> dict | None:
-    """The default the table supports: among the Δ rows (default and variants) whose
-    new-task metric is within ``tolerance`` (relative; 2 % ≈ twice the seed-to-seed spread
-    measured on the embedded shift task) of the best Δ row's, the one with the lowest
-    training step time (then the smallest patch)."""
+def recommend(rows: list[dict], max_delta_fraction: float = 0.05) -> dict | None:
+    """The default the table supports: among the Δ rows (default and variants) within the
+    budget — Δ fraction ≤ ``max_delta_fraction`` and mergeable (merged inference at the
+    base's cost; a row with no merged latency is not) — the best new-task metric; equal
+    metrics go to the lower step time. Rows within the seed-to-seed spread of the choice are
+    listed as ``close`` (the table, not this rule, says whether one of them is the better
+    trade)."""
     deltas = [r for r in rows if r["family"] == "delta"]
-    if not deltas:
+    within = [
+        r
+        for r in deltas
+        if (r["delta_fraction"] or 0) <= max_delta_fraction
+        and (r.get("latency") or {}).get("merged_ratio") is not None
+    ]
+    if not within:
         return None
-    best = max(r["new_task"] for r in deltas)
-    good = [r for r in deltas if r["new_task"] >= (1 - tolerance) * best]
-    good.sort(key=lambda r: (r["step_seconds"] or float("inf"), r["patch_bytes"]))
-    choice = good[0]
+    within.sort(key=lambda r: (-r["new_task"], r["step_seconds"] or float("inf")))
+    choice = within[0]
     return dict(
         id=choice["id"],
         label=choice["label"],
         delta_patch=choice["delta_patch"],
-        rule=f"lowest step time among the Δ rows within {tolerance:.0%} of the best Δ "
-        "new-task metric",
-        candidates=[r["id"] for r in good],
+        rule=f"best new-task metric among the mergeable Δ rows with a Δ fraction ≤ "
+        f"{max_delta_fraction:.0%}",
+        excluded=sorted({r["id"] for r in deltas} - {r["id"] for r in within}),
+        close=[r["id"] for r in within[1:] if r["new_task"] >= 0.99 * choice["new_task"]],
     )
 
 
@@ -322,7 +329,12 @@ def render_markdown(report: dict) -> str:
         lines.append(f"| {t['what']} | {value} | {t['op']} {t['target']} | {met} |")
     rec = report["recommended"]
     if rec:
-        lines += ["", f"Recommended default ({rec['rule']}): **{rec['label']}** (`{rec['id']}`)."]
+        lines += [
+            "",
+            f"Recommended default ({rec['rule']}): **{rec['label']}** (`{rec['id']}`); "
+            f"within 1 % of it: {', '.join(rec['close']) or 'none'}; outside the budget: "
+            f"{', '.join(rec['excluded']) or 'none'}.",
+        ]
     lines += ["", "![trade-off](tradeoff.png)", ""]
     return "\n".join(lines)
 
