@@ -50,6 +50,8 @@ def test_tiny_benchmark_writes_every_field_plot_and_keeps_the_base_exact(tmp_pat
         tmp_path / "data",
         "--base-dir",
         tmp_path / "base",
+        "--ft-lr",
+        "1e-4,3e-4",
         "--placements",
         "4,none",
         "--branch-types",
@@ -94,7 +96,11 @@ def test_tiny_benchmark_writes_every_field_plot_and_keeps_the_base_exact(tmp_pat
         if row["family"] == "full_ft":
             assert row["delta_patch"] is None and row["latency"] is None
             assert row["patch_fraction"] == 1.0 and row["step_time_ratio"] == 1.0
-            assert row["lr"] == pytest.approx(1e-4)
+            sweep = report["setting"]["ft_lr_sweep"]
+            assert [p["lr"] for p in sweep] == [1e-4, 3e-4]  # both trained, the best kept
+            best = max(sweep, key=lambda p: p["new_task"])
+            assert row["lr"] == best["lr"] and row["new_task"] == best["new_task"]
+            assert row["label"].startswith("full fine-tuning (lr")
         else:
             assert row["base_identical"] is True, row["first_difference"]
             assert row["retention"] == 1.0 and row["exactness_checked_on"] == "base task"

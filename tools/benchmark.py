@@ -68,8 +68,9 @@ def parse_args(argv=None):
     parser.add_argument("--out", help="output folder (default work_dirs/benchmark/<name>)")
     parser.add_argument(
         "--ft-lr",
-        type=float,
-        help="full fine-tuning's lr (default: --finetune-config's own; else 1e-4 with the Δ "
+        type=_csv(float),
+        help="full fine-tuning's lr(s), comma-separated: each is trained and the best on the "
+        "new task kept (default: --finetune-config's own; else 1e-4,3e-4,1e-3 with the Δ "
         "config's optimiser and schedule)",
     )
     parser.add_argument(
@@ -128,7 +129,7 @@ def main(argv=None) -> int:
                 args.base_dir or _default_base_dir(args.story, args.size),
             )
         options = Options(
-            ft_lr=args.ft_lr,
+            ft_lrs=args.ft_lr or None,
             placements=args.placements,
             branch_types=args.branch_types,
             ranks=args.ranks,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 from pathlib import Path
 
 from ..fileio import write_atomic, write_text_atomic
@@ -290,6 +291,17 @@ def render_markdown(report: dict) -> str:
             f"{_x(r['step_time_ratio'])} | {_x(r['peak_memory_ratio'])} | "
             f"{_x(lat.get('unmerged_ratio'))} | {_x(lat.get('merged_ratio'))} |"
         )
+    sweep = s.get("ft_lr_sweep") or []
+    if len(sweep) > 1:
+        lines += [
+            "",
+            "Full fine-tuning, each lr trained (the best is the row above): "
+            + ", ".join(
+                f"lr {p['lr']:g} → new {_f(p['new_task'])} / base {_f(p['base_task'])}"
+                for p in sweep
+            )
+            + ".",
+        ]
     variants = [r for r in report["methods"] if r["family"] == "delta"]
     if len(variants) > 1:
         lines += [
@@ -391,7 +403,7 @@ def plot_tradeoff(report: dict, path: str | os.PathLike) -> str:
     s = report["setting"]
     ax.set_xlabel(f"base task {s['metric_label']} (patch off for Δ methods)")
     ax.set_ylabel(f"new task {s['metric_label']}")
-    ax.set_title(s["title"], fontsize=10)
+    ax.set_title("\n".join(textwrap.wrap(s["title"], 80)), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
