@@ -166,14 +166,8 @@ def run_benchmark(
         configs[method.id] = str(Path(cfg.work_dir) / "config.py")
         cfg.dump(configs[method.id])
         row = _train(method, cfg, setting)
-        if method.is_patch:
-            row.update(_score_patch(row, cfg, setting, exact_cfg, base_exact, key, base_model))
-            row["latency"] = _latency(base_model, row["_model"], latency_batches, options)
-            del row["_model"]
-        else:
-            ft_state = row.pop("_state")
-            row.update(_score_full(cfg, row["checkpoint"], setting, key))
-            row["latency"] = None
+        row.update(_score_patch(row, cfg, setting, exact_cfg, base_exact, key, base_model))
+        row["latency"] = _latency(base_model, row.pop("_model"), latency_batches, options)
         log(
             f"   new task {row['new_task']:.3f}, base task {_fmt(row['base_task'])}, "
             f"identical with patch off: {row['base_identical']}, {row['train_seconds']:.0f} s"
