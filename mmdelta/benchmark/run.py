@@ -244,7 +244,6 @@ def _set_iterations(cfg: Config, iters: int) -> None:
 def _method_cfg(setting: Setting, method: Method, out: Path) -> Config:
     if not method.is_patch and setting.finetune_cfg is not None:
         cfg = copy.deepcopy(setting.finetune_cfg)
-        cfg.load_from = setting.checkpoint
         if method.lr is not None:
             cfg.optim_wrapper.optimizer.lr = method.lr
     else:

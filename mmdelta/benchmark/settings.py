@@ -9,13 +9,11 @@ from pathlib import Path
 
 from mmengine.config import Config
 
-from ..datasets.paths import check_dataset_paths
+from ..datasets.paths import DEFAULT_LOADERS, check_dataset_paths
 from ..demo.main_job import _base_checkpoint, _task_config, _write_data
 from ..demo.stories import SIZES, STORIES
 from .methods import BenchmarkError
 from .run import Setting
-
-LOADERS = ("train_dataloader", "val_dataloader", "test_dataloader")
 
 
 def embedded_setting(
@@ -124,7 +122,7 @@ def real_setting(
     )
     for cfg, root in ((task_cfg, data_root), (finetune_cfg, data_root), (base_cfg, base_data_root)):
         if cfg is not None and root:
-            for key in LOADERS:
+            for key in DEFAULT_LOADERS:
                 if key in cfg and cfg[key] is not None and not _set_data_root(cfg[key], root):
                     raise BenchmarkError(f"--data-root: {cfg.filename}'s {key} has no data_root")
     check_dataset_paths(task_cfg)
