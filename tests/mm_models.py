@@ -6,6 +6,8 @@ Each entry of ``MODELS`` is a config in ``tests/configs`` whose ``_base_`` is an
 preprocessed) batch in the format each library's data pipeline produces.
 """
 
+import copy
+import functools
 from pathlib import Path
 
 import torch
@@ -51,22 +53,29 @@ def load_cfg(name: str) -> Config:
     return Config.fromfile(str(CONFIGS / f"{name}.py"))
 
 
-def build_model(name: str, seed: int = 0) -> torch.nn.Module:
-    """The model of test config ``name``, randomly initialised with ``seed``, in eval mode."""
+@functools.cache
+def _built(name: str, seed: int) -> torch.nn.Module:
+    """The model as built and initialised, once per test process (never handed out). The
+    build draws from its own generator state: the caller's global random state is the same
+    whether the model was built now or earlier."""
     scope = MODELS[name]
     registry = _registry(scope)
-    torch.manual_seed(seed)
-    with DefaultScope.overwrite_default_scope(scope):
+    with torch.random.fork_rng(devices=[]), DefaultScope.overwrite_default_scope(scope):
+        torch.manual_seed(seed)
         model = registry.build(load_cfg(name).model)
     return model.eval()
 
 
+def build_model(name: str, seed: int = 0) -> torch.nn.Module:
+    """The model of test config ``name``, randomly initialised with ``seed``, in eval mode: a
+    fresh copy of the one built for this ``(name, seed)`` (building a ResNet-50 detector
+    costs more than copying it), so a test may patch or train it freely."""
+    return copy.deepcopy(_built(name, seed))
+
+
 def build_pair(name: str) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """Two independently built copies of a model holding the same (random) weights."""
-    model = build_model(name, seed=0)
-    base = build_model(name, seed=1)
-    base.load_state_dict(model.state_dict())
-    return model, base
+    """Two independent copies of a model holding the same (random) weights."""
+    return build_model(name), build_model(name)
 
 
 def make_batch(name: str, seed: int = 0, size: int = 64) -> dict:

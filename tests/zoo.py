@@ -502,7 +502,7 @@ def check(zc: ZooConfig) -> Result:
 
 
 def check_config(zc: ZooConfig) -> Result:
-    """Builds the config twice (same seed), patches one copy with the default patch and
+    """Builds the config once, patches a deep copy with the default patch and
     checks exactness, live branches, the frozen base and the preserved state dict.
 
     Returns ``status='skip'`` only when the *unpatched* model does not build or run.
@@ -552,12 +552,8 @@ def check_config(zc: ZooConfig) -> Result:
     batch = lambda: make_batch(zc, cfg, size)  # noqa: E731 - a fresh batch for every call
     result.lap("fwd base")
 
-    with quiet():
-        model = build(zc, cfg)
-    if any(not torch.equal(v, reference[k]) for k, v in model.state_dict().items()):
-        result.notes.append("two seeded builds differ; weights copied")
-        model.load_state_dict(reference)
-    result.lap("build twin")
+    model = copy.deepcopy(base)  # the twin to patch (a copy costs less than a second build)
+    result.lap("copy twin")
     with quiet():
         result.summary = summary = apply_delta_patch(model, {})
     deltas = delta_parameters(model)
@@ -661,7 +657,28 @@ def check_config(zc: ZooConfig) -> Result:
 # ---------------------------------------------------------------- report
 
 
-def summary_table(configs: list[ZooConfig], seen: dict[str, int], results: dict) -> str:
+def record(result: Result) -> dict:
+    """What the summary table needs of a result, as plain data: it travels from a pytest-xdist
+    worker to the controller in the test report's ``user_properties``."""
+    out = dict(id=result.config.id, status=result.status, reason=result.reason)
+    out["notes"] = list(result.notes)
+    out["seconds"] = round(result.seconds, 1)
+    s = result.summary
+    if s is not None:
+        out["summary"] = dict(
+            layers=len(s.layers),
+            delta_params=s.delta_params,
+            targeted_params=s.targeted_params,
+            delta_fraction=s.delta_fraction,
+            patch_fraction=s.patch_fraction,
+            unsupported=len(s.unsupported),
+            skipped=len(s.skipped),
+        )
+    return out
+
+
+def summary_table(configs: list[ZooConfig], seen: dict[str, int], records: dict) -> str:
+    """The walk's table: per family and per config, from :func:`record` dicts keyed by id."""
     rows = [
         "",
         "=" * 100,
@@ -674,14 +691,14 @@ def summary_table(configs: list[ZooConfig], seen: dict[str, int], results: dict)
     ]
     for family in FAMILIES:
         members = [c for c in configs if c.family == family]
-        res = [results[c.id] for c in members if c.id in results]
-        count = {s: sum(r.status == s for r in res) for s in ("pass", "xfail", "skip", "fail")}
-        sums = [r.summary for r in res if r.summary is not None]
+        res = [records[c.id] for c in members if c.id in records]
+        count = {s: sum(r["status"] == s for r in res) for s in ("pass", "xfail", "skip", "fail")}
+        sums = [r["summary"] for r in res if "summary" in r]
         if sums:
-            pooled = sum(s.delta_params for s in sums) / sum(s.targeted_params for s in sums)
-            fracs = [s.delta_fraction for s in sums]
+            pooled = sum(s["delta_params"] for s in sums) / sum(s["targeted_params"] for s in sums)
+            fracs = [s["delta_fraction"] for s in sums]
             delta = f"{100 * pooled:.2f}% ({100 * min(fracs):.2f}-{100 * max(fracs):.2f}%)"
-            patch = f"{100 * sum(s.patch_fraction for s in sums) / len(sums):.2f}%"
+            patch = f"{100 * sum(s['patch_fraction'] for s in sums) / len(sums):.2f}%"
         else:
             delta = patch = "-"
         rows.append(
@@ -691,24 +708,24 @@ def summary_table(configs: list[ZooConfig], seen: dict[str, int], results: dict)
         )
     rows.append("-" * 100)
     for c in configs:
-        r = results.get(c.id)
-        status = r.status if r else "not run"
+        r = records.get(c.id)
+        status = r["status"] if r else "not run"
         info = ""
-        if r is not None and r.summary is not None:
-            s = r.summary
+        if r is not None and "summary" in r:
+            s = r["summary"]
             info = (
-                f" | {len(s.layers)} layers, Δ {s.delta_params:,} = "
-                f"{100 * s.delta_fraction:.2f}% of {s.targeted_params:,}"
-                + (f", {len(s.unsupported)} unsupported" if s.unsupported else "")
-                + (f", {len(s.skipped)} too small" if s.skipped else "")
+                f" | {s['layers']} layers, Δ {s['delta_params']:,} = "
+                f"{100 * s['delta_fraction']:.2f}% of {s['targeted_params']:,}"
+                + (f", {s['unsupported']} unsupported" if s["unsupported"] else "")
+                + (f", {s['skipped']} too small" if s["skipped"] else "")
             )
-        timing = f" | {r.seconds:.1f}s" if r else ""
+        timing = f" | {r['seconds']:.1f}s" if r else ""
         feats = f" [{','.join(c.features)}]" if c.features else ""
         rows.append(f"{status:<5} {c.family:<16} {c.id}")
         rows.append(f"      {c.kind} / {c.arch}{feats}{info}{timing}")
-        if r is not None and r.reason:
-            rows.append(f"      reason: {r.reason}")
-        for note in r.notes if r else []:
+        if r is not None and r["reason"]:
+            rows.append(f"      reason: {r['reason']}")
+        for note in r["notes"] if r else []:
             rows.append(f"      note: {note}")
     rows.append("=" * 100)
     return "\n".join(rows)
