@@ -59,7 +59,7 @@ def test_tiny_benchmark_writes_every_field_plot_and_keeps_the_base_exact(tmp_pat
         "--ranks",
         "",
         "--cost-repeats",
-        "2",
+        "1",  # one cost process per method; repeats and their rotation: the test below
         "--cost-steps",
         "1",
         "--cost-warmup",
@@ -91,7 +91,7 @@ def test_tiny_benchmark_writes_every_field_plot_and_keeps_the_base_exact(tmp_pat
         assert row["patch_bytes"] == os.path.getsize(row["checkpoint"])
         assert row["patch_to_checkpoint"] == pytest.approx(row["patch_bytes"] / ckpt)
         assert row["step_seconds"] > 0 and row["peak_memory_bytes"] > 0
-        assert len(row["cost_runs"]) == 2  # one fresh process per repeat
+        assert len(row["cost_runs"]) == 1  # one fresh process per (method, repeat)
         assert row["step_time_ratio"] > 0 and row["peak_memory_ratio"] > 0
         if row["family"] == "full_ft":
             assert row["delta_patch"] is None and row["latency"] is None
@@ -148,6 +148,30 @@ def test_tiny_benchmark_writes_every_field_plot_and_keeps_the_base_exact(tmp_pat
         with delta_disabled(patched):
             off = evaluate(patched, base_cfg)
         assert first_difference(base.predictions, off.predictions) is None, row["id"]
+
+
+def test_training_costs_one_process_per_method_and_repeat_in_rotated_order(monkeypatch):
+    """The cost runs' bookkeeping, without their processes (the smoke run above runs one real
+    process per method): a child per (method, repeat), the order rotated every repeat, the
+    medians over repeats."""
+    from mmdelta.benchmark import costs
+
+    calls = []
+
+    def child(config, steps, warmup):
+        calls.append(config)
+        n = len(calls)
+        return dict(step_seconds=0.1 * n, step_times=[0.1 * n], peak_memory_bytes=1000 * n)
+
+    monkeypatch.setattr(costs, "_child", child)
+    configs = {"a": "a.py", "b": "b.py", "c": "c.py"}
+    result = costs.training_costs(configs, repeats=3, steps=1, warmup=0, log=lambda _: None)
+    assert calls == ["a.py", "b.py", "c.py", "b.py", "c.py", "a.py", "c.py", "a.py", "b.py"]
+    assert list(result) == ["a", "b", "c"]
+    # "a" ran as calls 1, 6 and 8: the medians of its three runs
+    assert [r["peak_memory_bytes"] for r in result["a"]["runs"]] == [1000, 6000, 8000]
+    assert result["a"]["peak_memory_bytes"] == 6000
+    assert result["a"]["step_seconds"] == pytest.approx(0.6)
 
 
 def test_tool_reports_a_config_without_delta_patch(tmp_path):

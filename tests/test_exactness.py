@@ -83,7 +83,12 @@ def test_training_steps_touch_only_delta(name):
         assert all(torch.isfinite(v).all() for v in losses.values())
 
     assert all(got_grad.values()), [k for k, v in got_grad.items() if not v]
-    unchanged = [k for k, p in deltas.items() if torch.equal(p, initial[k])]
+    # every Δ tensor moves, but a LowRankDelta's `down`: its gradient passes through its
+    # zero-initialised `up` (about 1e-5 after three steps), so its updates can sit below
+    # float32 resolution (the stem's do); it is proven to train by its gradient above
+    unchanged = [
+        k for k, p in deltas.items() if not k.endswith(".down") and torch.equal(p, initial[k])
+    ]
     assert not unchanged, unchanged
 
     after = base_state(model)

@@ -3,7 +3,9 @@ base checkpoint file never modified by training or testing.
 
 Segmentation (mmseg FCN on ResNetV1c-18, tiny, generated data, random flips) with a patch
 that has Δ branches, its own BatchNorm statistics (``task_norm``) and an owned classifier,
-trained with SGD + momentum (so the optimiser has state to restore).
+trained with SGD + momentum (so the optimiser has state to restore). The same runs serve the
+segmentation end-to-end checks of tools/test.py (patch off = the plain config's predictions
+and metrics, bit for bit; mmseg's own test.py refused).
 """
 
 import hashlib
@@ -18,7 +20,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from tool_runs import base_part, data_options, derived_config, run_tool, same, write_base_checkpoint
+from tool_runs import (
+    base_part,
+    data_options,
+    derived_config,
+    predictions,
+    run_tool,
+    same,
+    write_base_checkpoint,
+)
 
 from mmdelta.datasets.synthetic import write_seg_dataset
 from mmdelta.fileio import remove_stale_temporaries
@@ -130,11 +140,34 @@ def test_sigkill_and_resume_continue_the_run_bit_for_bit(tmp_path):
         + ", ".join(f"{run} {t['loss']:.4f} / {v['mIoU']:.2f}" for run, (t, v) in scalars.items())
     )
 
-    # the base checkpoint file was read by four training runs and one test run, never written
-    run_tool(
-        "tools/test.py", config, base, "--patch", work / "tiny.patch.safetensors",
-        "--work-dir", tmp_path / "test", "--cfg-options", *data_options(data),
+    # tools/test.py: without --patch the base's predictions and metrics, exactly as the plain
+    # config (delta_patch=None) gives them; with --patch the patch's
+    patch_file = work / "tiny.patch.safetensors"
+    results, metrics = {}, {}
+    for name, extra in (("plain", ["delta_patch=None"]), ("off", []), ("on", [])):
+        args = ["--patch", patch_file] if name == "on" else []
+        run_tool(
+            "tools/test.py", config, base, *args, "--out", tmp_path / f"{name}.pkl",
+            "--work-dir", tmp_path / name, "--metrics-out", tmp_path / f"{name}.json",
+            "--cfg-options", *data_options(data), *extra,
+        )  # fmt: skip
+        results[name] = predictions(tmp_path / f"{name}.pkl")
+        metrics[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert len(results["plain"]) == 8 and same(results["plain"], results["off"])
+    assert not same(results["plain"], results["on"])
+    assert metrics["plain"] == metrics["off"] and "mIoU" in metrics["off"]
+
+    # mmseg's own tools/test.py ignores runner_type: a patched config must not run there
+    import mmseg
+
+    mmseg_test = Path(mmseg.__file__).parent / ".mim" / "tools" / "test.py"
+    proc = run_tool(
+        mmseg_test, config, work / f"iter_{ITERS}.pth", "--work-dir", tmp_path / "mmseg",
+        "--cfg-options", *data_options(data), check=False,
     )  # fmt: skip
+    assert proc.returncode != 0 and "ignores it and would use the unpatched model" in proc.stderr
+
+    # the base checkpoint file was read by four training runs and four test runs, never written
     assert sha256(base) == base_sum
     base_state = base_part(base)
     assert all(

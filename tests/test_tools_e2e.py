@@ -1,11 +1,12 @@
 """End to end through tools/train.py and tools/test.py, in subprocesses, on generated data.
 
-Detection (VOC layout, mmdet ``VOCDataset``) and segmentation (mmseg ``BaseSegDataset``):
-a base checkpoint (random weights, written as an mmengine checkpoint with its classes), a
-Δ-patch trained from it with ``load_from``, a run killed by SIGKILL after its first
-checkpoint and resumed with ``--resume``, then ``tools/test.py`` with and without
-``--patch``: without it the predictions are the base's, bit for bit. Also: 2-process CPU
-DDP (gloo) training, and mmdet's own tools/train.py + tools/test.py on a delta config.
+Detection (VOC layout, mmdet ``VOCDataset``): a base checkpoint (random weights, written as
+an mmengine checkpoint with its classes), a Δ-patch trained from it with ``load_from``, a run
+killed by SIGKILL after its first checkpoint and resumed with ``--resume``, then
+``tools/test.py`` with and without ``--patch``: without it the predictions are the base's,
+bit for bit. Also: 2-process CPU DDP (gloo) training, and mmdet's own tools/train.py +
+tools/test.py on a delta config. Segmentation (mmseg ``BaseSegDataset``) goes through the
+same tools in ``test_interruption.py``, whose runs it shares.
 """
 
 import json
@@ -28,7 +29,7 @@ from tool_runs import (
 
 from mmdelta import base_state_dict, load_patch, patch_names
 from mmdelta.apis import init_patched_model
-from mmdelta.datasets.synthetic import write_seg_dataset, write_voc_dataset
+from mmdelta.datasets.synthetic import write_voc_dataset
 from mmdelta.runner import read_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -112,52 +113,6 @@ def test_detection_train_kill_resume_test(det):
     # the inference helper builds the same patched model
     model = init_patched_model(str(DET_CONFIG), str(base), final)
     assert patch_names(model) == ["tiny"]
-
-
-def test_segmentation_train_test(tmp_path):
-    data = Path(write_seg_dataset(tmp_path / "data", CLASSES, 8, 4, image_size=(64, 64), seed=0))
-    base = write_base_checkpoint(SEG_CONFIG, tmp_path / "base.pth", ("background", *CLASSES))
-    opts = data_options(data)
-    work = tmp_path / "work"
-    run_tool(
-        "tools/train.py",
-        SEG_CONFIG,
-        "--work-dir",
-        work,
-        "--cfg-options",
-        f"load_from={base}",
-        *opts,
-    )
-    patch = work / "tiny.patch.safetensors"
-    assert patch.exists()
-    base_state = base_part(base)
-    trained = base_part(work / "iter_6.pth")
-    assert all(torch.equal(trained[k], base_state[k]) for k in base_state)
-
-    results = {}
-    for name, extra in (("plain", ["delta_patch=None"]), ("off", []), ("on", ["--patch", patch])):
-        out = tmp_path / f"{name}.pkl"
-        args = [a for a in extra if a != "delta_patch=None"]
-        cfg_opts = [a for a in extra if a == "delta_patch=None"]
-        run_tool(
-            "tools/test.py", SEG_CONFIG, base, *args, "--out", out, "--work-dir", tmp_path / name,
-            "--metrics-out", tmp_path / f"{name}.json", "--cfg-options", *opts, *cfg_opts,
-        )  # fmt: skip
-        results[name] = predictions(out)
-    assert same(results["plain"], results["off"])
-    assert not same(results["plain"], results["on"])
-    metrics = {n: json.loads((tmp_path / f"{n}.json").read_text()) for n in ("plain", "off")}
-    assert metrics["plain"] == metrics["off"] and "mIoU" in metrics["off"]
-
-    # mmseg's own tools/test.py ignores runner_type: a patched config must not run there
-    import mmseg
-
-    mmseg_test = Path(mmseg.__file__).parent / ".mim" / "tools" / "test.py"
-    proc = run_tool(
-        mmseg_test, SEG_CONFIG, work / "iter_6.pth", "--work-dir", tmp_path / "mmseg",
-        "--cfg-options", *opts, check=False,
-    )  # fmt: skip
-    assert proc.returncode != 0 and "ignores it and would use the unpatched model" in proc.stderr
 
 
 def test_cpu_ddp_two_processes(det):
