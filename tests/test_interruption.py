@@ -175,13 +175,14 @@ def test_sigkill_and_resume_continue_the_run_bit_for_bit(tmp_path):
     )
 
 
+# a plain torchvision ResNet-50 as the backbone (no OpenMMLab model to import and build, so
+# each writer starts sooner): a 19 MiB patch, about 0.1 s per write
 WRITER = """
-import sys, torch
+import torch, torchvision
 from mmdelta import apply_delta_patch, save_patch
-sys.path.insert(0, {tests!r})
-from mm_models import build_model
 
-model = build_model("retinanet_r18_fpn")
+model = torch.nn.Module()
+model.backbone = torchvision.models.resnet50()
 apply_delta_patch(model, dict(name="big", branch=dict(type="LowRankDelta", rank=64)))
 deltas = [p for n, p in model.named_parameters() if ".delta." in n]
 for version in range(1, 1000):
@@ -202,7 +203,7 @@ def test_sigkill_during_patch_writes_never_leaves_a_truncated_patch(tmp_path):
     the next writer's first write."""
     path = tmp_path / "big.patch.safetensors"
     script = tmp_path / "writer.py"
-    script.write_text(WRITER.format(tests=str(TESTS), path=str(path)))
+    script.write_text(WRITER.format(path=str(path)))
 
     def temporaries() -> set[str]:
         return {p.name for p in tmp_path.glob(f".{path.name}.*.tmp")}
