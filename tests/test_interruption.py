@@ -38,7 +38,7 @@ from mmdelta.runner import read_checkpoint
 TESTS = Path(__file__).resolve().parent
 SEG_CONFIG = TESTS / "configs" / "e2e_seg_tiny.py"
 CLASSES = ("square", "disc", "bar")
-ITERS, KILL_AT = 16, 8
+ITERS, KILL_AT = 8, 4
 
 
 def sha256(path: Path) -> str:
