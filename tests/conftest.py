@@ -90,3 +90,10 @@ def pytest_terminal_summary(terminalreporter):
 
     configs = [zoo.ZooConfig(**{**c, "features": tuple(c["features"])}) for c in sample["configs"]]
     terminalreporter.write_line(zoo.summary_table(configs, sample["seen"], records))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first (a stable sort: pytest-randomly's shuffled order holds within each
+    group). pytest-xdist hands the first tests out one by one, so the long end-to-end runs
+    start at once on every worker and the quick tests fill in around them."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -279,7 +279,14 @@ def check_standalone(case, result: dict, out_ckpt: Path, out_cfg: Path) -> None:
 
 
 @pytest.mark.slow
-def test_detector_standalone_loads_in_plain_mmdet(det_case, standalone):
+def test_standalone_checkpoints_load_in_plain_mmdet_and_mmseg(det_case, seg_case, standalone):
+    """One test for both (the fixture runs the two tools and the plain loader at once; under
+    pytest-xdist two tests could land on two workers and run it twice)."""
+    detector_standalone_loads_in_plain_mmdet(det_case, standalone)
+    segmenter_standalone_loads_in_plain_mmseg(seg_case, standalone)
+
+
+def detector_standalone_loads_in_plain_mmdet(det_case, standalone):
     result, out_ckpt, out_cfg = standalone["mmdet"]
     check_standalone(det_case, result, out_ckpt, out_cfg)
     cfg = Config.fromfile(str(out_cfg))
@@ -292,8 +299,7 @@ def test_detector_standalone_loads_in_plain_mmdet(det_case, standalone):
     assert deltas.shape[-1] == 4 * len(DET_NEW)  # fc_reg: per class
 
 
-@pytest.mark.slow
-def test_segmenter_standalone_loads_in_plain_mmseg(seg_case, standalone):
+def segmenter_standalone_loads_in_plain_mmseg(seg_case, standalone):
     result, out_ckpt, out_cfg = standalone["mmseg"]
     check_standalone(seg_case, result, out_ckpt, out_cfg)
     cfg = Config.fromfile(str(out_cfg))
