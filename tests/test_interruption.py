@@ -144,12 +144,16 @@ def test_sigkill_and_resume_continue_the_run_bit_for_bit(tmp_path):
     # config (delta_patch=None) gives them; with --patch the patch's
     patch_file = work / "tiny.patch.safetensors"
     results, metrics = {}, {}
-    for name, extra in (("plain", ["delta_patch=None"]), ("off", []), ("on", [])):
-        args = ["--patch", patch_file] if name == "on" else []
+    runs = (
+        ("plain", [], ["delta_patch=None"]),
+        ("off", [], []),
+        ("on", ["--patch", patch_file], []),
+    )
+    for name, args, options in runs:
         run_tool(
             "tools/test.py", config, base, *args, "--out", tmp_path / f"{name}.pkl",
             "--work-dir", tmp_path / name, "--metrics-out", tmp_path / f"{name}.json",
-            "--cfg-options", *data_options(data), *extra,
+            "--cfg-options", *data_options(data), *options,
         )  # fmt: skip
         results[name] = predictions(tmp_path / f"{name}.pkl")
         metrics[name] = json.loads((tmp_path / f"{name}.json").read_text())
@@ -167,7 +171,7 @@ def test_sigkill_and_resume_continue_the_run_bit_for_bit(tmp_path):
     )  # fmt: skip
     assert proc.returncode != 0 and "ignores it and would use the unpatched model" in proc.stderr
 
-    # the base checkpoint file was read by four training runs and four test runs, never written
+    # the base checkpoint file was read by four training runs and three test runs, never written
     assert sha256(base) == base_sum
     base_state = base_part(base)
     assert all(
