@@ -4,7 +4,14 @@ A frozen base model gets small, zero-initialised trainable Δ branches; with the
 inactive the model is the base model bit for bit.
 """
 
-from .branches import BlockDelta, DeltaBranch, LowRankDelta, PatchOwned, ScaleShiftDelta
+from .branches import (
+    BlockDelta,
+    DeltaBranch,
+    LowRankDelta,
+    PatchOwned,
+    ScaleShiftDelta,
+    SideDelta,
+)
 from .patching import (
     DeltaPatchConfigError,
     PatchFileError,
@@ -39,6 +46,7 @@ __all__ = [
     "PatchOwned",
     "PatchSummary",
     "ScaleShiftDelta",
+    "SideDelta",
     "__version__",
     "active_patch",
     "apply_delta_patch",

@@ -5,6 +5,7 @@ from .block import BlockDelta
 from .low_rank import LowRankDelta
 from .owned import PatchOwned
 from .scale_shift import ScaleShiftDelta
+from .side import SideDelta
 
 __all__ = [
     "BlockDelta",
@@ -13,4 +14,5 @@ __all__ = [
     "LowRankDelta",
     "PatchOwned",
     "ScaleShiftDelta",
+    "SideDelta",
 ]

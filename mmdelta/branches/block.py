@@ -17,7 +17,7 @@ BLOCK_CLASS_NAMES = frozenset({"BasicBlock", "Bottleneck", "ConvNeXtBlock"})
 _PROBE_SIZE = 32
 
 
-def _input_channels(block: nn.Module) -> int:
+def _input_channels(block: nn.Module, who: str = "BlockDelta") -> int:
     """``in_channels`` / ``in_features`` of the block's first submodule (registration order)
     that has one: the number of channels the block reads."""
     for name, module in block.named_modules():
@@ -28,7 +28,7 @@ def _input_channels(block: nn.Module) -> int:
             if isinstance(value, numbers.Integral) and not isinstance(value, bool):
                 return int(value)
     raise TypeError(
-        f"BlockDelta: cannot tell the input channels of {type(block).__name__}: none of its "
+        f"{who}: cannot tell the input channels of {type(block).__name__}: none of its "
         "submodules has an `in_channels` or `in_features` attribute"
     )
 

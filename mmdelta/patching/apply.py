@@ -135,6 +135,8 @@ def _build_patch(model: nn.Module, cfg: Mapping | None, name: str | None) -> Bui
                 f"{resolved['exclude']}) contain no layer {resolved['branch']['type']} supports"
                 + (f" large enough (skipped: {[p for p, _ in skipped]})" if skipped else "")
             )
+    if resolved["side"] is not None:
+        delta_layers.append(_build_side(model, resolved["side"], built.branches + delta_layers))
     built.branches.extend(delta_layers)
     if not built.branches:
         raise DeltaPatchConfigError(
@@ -159,6 +161,29 @@ def _build_patch(model: nn.Module, cfg: Mapping | None, name: str | None) -> Bui
         classes=resolved["classes"],
     )
     return built
+
+
+def _build_side(model: nn.Module, side: dict, others: list) -> tuple[str, nn.Module, nn.Module]:
+    """The side network of ``delta_patch.side`` on the module at ``side['at']``."""
+    options = {k: v for k, v in side.items() if k not in ("type", "at")}
+    at = side["at"]
+    try:
+        host = model.get_submodule(at)
+    except AttributeError as err:
+        top = [name for name, _ in model.named_children()]
+        raise DeltaPatchConfigError(
+            f"delta_patch.side.at {at!r} is not a module of the model (top-level modules: {top})"
+        ) from err
+    if any(path == at for path, _, _ in others):
+        raise DeltaPatchConfigError(
+            f"delta_patch.side.at {at!r}: the patch already has a branch or an owned copy of "
+            "that module; a module takes one of them"
+        )
+    try:
+        branch = branch_type(side["type"])(host, **options)
+    except (TypeError, ValueError, RuntimeError, MemoryError) as err:
+        raise DeltaPatchConfigError(f"delta_patch.side={side} on {at}: {err}") from err
+    return at, host, branch
 
 
 def attach_patch(model: nn.Module, built: BuiltPatch, select: bool = True) -> None:

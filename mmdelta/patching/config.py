@@ -18,6 +18,14 @@ Schema (what a config's top-level ``delta_patch = dict(...)`` key holds)::
         classes=None,            # the patch's own class names (a new class set)
         base_classes=None,       # the base's class names (default: model.dataset_meta)
         class_map={},            # new class name -> base class name it starts from
+        side=None,               # a side Δ-network beside one frozen module, e.g.
+                                 #   dict(type='SideDelta', at='backbone', width=64): reads
+                                 #   its outputs (and the image), adds corrections; the
+                                 #   module then runs without gradients (mmdelta.branches.side)
+        preset=None,             # a named starting point (PRESETS): 'accurate' (= the
+                                 #   defaults above) or 'fast' (side network on the backbone,
+                                 #   rank-8 Δ on neck and heads); keys set beside it win,
+                                 #   `branch` / `side` dicts are merged into the preset's
     )
 
 Patterns are ``fnmatch`` globs over dotted module paths (``*`` also crosses dots). A pattern
@@ -36,6 +44,10 @@ from ..registry import DELTA_BRANCHES
 
 DEFAULT_NAME = "default"
 DEFAULT_BRANCH = {"type": "LowRankDelta"}
+DEFAULT_SIDE = {"type": "SideDelta", "at": "backbone"}
+#: top-level children the fast preset never patches (the side network covers the backbone;
+#: an auxiliary head only trains, it never serves)
+FAST_SKIPS = ("backbone", "data_preprocessor", "auxiliary_head")
 #: top-level children patched by default, when the model has them
 DEFAULT_TARGET_ROOTS = ("backbone", "neck", "decode_head")
 ALLOWED_KEYS = (
@@ -48,6 +60,8 @@ ALLOWED_KEYS = (
     "classes",
     "base_classes",
     "class_map",
+    "side",
+    "preset",
 )
 TASK_NORM_MODES = {False: None, True: "stats", "stats": "stats", "affine": "affine", None: None}
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
@@ -94,17 +108,18 @@ def branch_type(name) -> type | None:
     return DELTA_BRANCHES.module_dict.get(name)
 
 
-def resolve_branch(branch) -> dict:
-    """``branch`` with ``type`` and every constructor default filled in."""
+def resolve_branch(branch, key: str = "branch", default: Mapping = DEFAULT_BRANCH) -> dict:
+    """``branch`` (the value of ``delta_patch.<key>``) with ``type`` (``default``'s when
+    not given) and every constructor default filled in."""
     if branch is None:
         branch = {}
     if not isinstance(branch, Mapping):
-        raise DeltaPatchConfigError(f"delta_patch.branch must be a dict, got {branch!r}")
-    branch = {**DEFAULT_BRANCH, **dict(branch)}
+        raise DeltaPatchConfigError(f"delta_patch.{key} must be a dict, got {branch!r}")
+    branch = {**default, **dict(branch)}
     cls = branch_type(branch["type"])
     if cls is None:
         raise DeltaPatchConfigError(
-            f"delta_patch.branch.type {branch['type']!r} is not a registered Δ branch type; "
+            f"delta_patch.{key}.type {branch['type']!r} is not a registered Δ branch type; "
             f"registered types: {sorted(DELTA_BRANCHES.module_dict)}"
         )
     params = list(inspect.signature(cls.__init__).parameters.values())[2:]  # self, layer
@@ -112,10 +127,76 @@ def resolve_branch(branch) -> dict:
     unknown = sorted(set(branch) - {"type"} - set(options), key=repr)
     if unknown:
         raise DeltaPatchConfigError(
-            f"delta_patch.branch has unknown option(s) {unknown} for type {branch['type']!r}; "
+            f"delta_patch.{key} has unknown option(s) {unknown} for type {branch['type']!r}; "
             f"its options are {sorted(options)}"
         )
     return {"type": branch["type"], **options, **{k: v for k, v in branch.items() if k != "type"}}
+
+
+def resolve_side(side) -> dict | None:
+    """``delta_patch.side`` resolved: ``None``, or ``{type, at, **options}`` with ``at`` the
+    module path the side network sits beside (default ``'backbone'``)."""
+    if side is None:
+        return None
+    if not isinstance(side, Mapping):
+        raise DeltaPatchConfigError(
+            f"delta_patch.side must be a dict such as dict(type='SideDelta', at='backbone'), "
+            f"got {side!r}"
+        )
+    side = {**DEFAULT_SIDE, **dict(side)}
+    at = side.pop("at")
+    if not isinstance(at, str) or not at:
+        raise DeltaPatchConfigError(
+            f"delta_patch.side.at must be the module path of the network's host, e.g. "
+            f"'backbone', got {at!r}"
+        )
+    resolved = resolve_branch(side, "side", {"type": DEFAULT_SIDE["type"]})
+    return {"type": resolved.pop("type"), "at": at, **resolved}
+
+
+def fast_targets(model: nn.Module) -> list[str]:
+    """The fast preset's per-layer Δ targets: every top-level child with parameters except
+    the backbone (the side network's), the data preprocessor and auxiliary heads."""
+    targets = [
+        name
+        for name, child in model.named_children()
+        if name not in FAST_SKIPS and any(True for _ in child.parameters())
+    ]
+    if not targets:
+        raise DeltaPatchConfigError(
+            "delta_patch.preset='fast': the model has no neck or head to patch beside its "
+            f"backbone (top-level modules: {[n for n, _ in model.named_children()]}); set "
+            "delta_patch.targets"
+        )
+    return targets
+
+
+#: preset name -> the keys it sets (callables take the model); see the schema above
+PRESETS = {
+    "accurate": {},
+    "fast": {"side": dict(DEFAULT_SIDE), "targets": fast_targets, "task_norm": False},
+}
+
+
+def apply_preset(model: nn.Module, cfg: Mapping) -> dict:
+    """``cfg`` over its ``preset``'s keys: a key set in ``cfg`` wins, except that ``branch``
+    and ``side`` dicts are merged into the preset's."""
+    preset = cfg.get("preset")
+    if preset is None:
+        return dict(cfg)
+    if not isinstance(preset, str) or preset not in PRESETS:
+        raise DeltaPatchConfigError(
+            f"delta_patch.preset must be one of {sorted(PRESETS)}, got {preset!r}"
+        )
+    out = {}
+    for key, value in PRESETS[preset].items():
+        out[key] = value(model) if callable(value) else value
+    for key, value in cfg.items():
+        if key in ("branch", "side") and isinstance(out.get(key), Mapping):
+            out[key] = None if value is None else {**out[key], **dict(value)}
+        else:
+            out[key] = value
+    return out
 
 
 def resolve_config(model: nn.Module, cfg: Mapping | None) -> dict:
@@ -129,6 +210,7 @@ def resolve_config(model: nn.Module, cfg: Mapping | None) -> dict:
         raise DeltaPatchConfigError(
             f"delta_patch has unknown key(s) {unknown}; allowed keys are {list(ALLOWED_KEYS)}"
         )
+    cfg = apply_preset(model, cfg)
     name = cfg.get("name", DEFAULT_NAME)
     if not isinstance(name, str) or not _NAME_RE.match(name) or name in _RESERVED_NAMES:
         raise DeltaPatchConfigError(
@@ -173,6 +255,8 @@ def resolve_config(model: nn.Module, cfg: Mapping | None) -> dict:
         "classes": classes,
         "base_classes": base_classes,
         "class_map": dict(class_map),
+        "side": resolve_side(cfg.get("side")),
+        "preset": cfg.get("preset"),
     }
 
 

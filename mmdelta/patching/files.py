@@ -24,7 +24,7 @@ from torch import nn
 
 from ..fileio import write_atomic
 from .apply import attach_patch, build_patch
-from .config import DEFAULT_NAME, DeltaPatchConfigError
+from .config import DEFAULT_NAME, DeltaPatchConfigError, resolve_config
 from .slot import iter_slots
 from .state import active_patch, base_state_dict, patch_configs, patch_names, set_active_patch
 from .targets import base_modules
@@ -234,7 +234,11 @@ def load_patch(
         )
     if name in patch_configs(model):
         existing = dict(patch_configs(model)[name])
-        if {**existing, "name": None} != {**cfg, "name": None}:
+        try:  # a file written before a schema key existed records no value for it
+            recorded = resolve_config(model, {**cfg, "name": name})
+        except DeltaPatchConfigError:
+            recorded = cfg
+        if {**existing, "name": None} != {**recorded, "name": None}:
             raise PatchFileError(
                 f"{path}: the model already carries a patch {name!r} built from another "
                 "config than this file records; load this file under another name"

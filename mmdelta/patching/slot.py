@@ -27,6 +27,11 @@ class DeltaSlot(nn.ModuleDict):
         super().__init__()
         self.active: str | None = None
 
+    def forward(self, x):
+        """Identity: a host that runs its children as a pipeline (``nn.Sequential``,
+        torchvision's ``IntermediateLayerGetter``) passes through its slot unchanged."""
+        return x
+
     def active_branch(self) -> nn.Module | None:
         return self._modules.get(self.active) if self.active is not None else None
 
