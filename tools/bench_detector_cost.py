@@ -55,6 +55,20 @@ ROWS = {
     ),
 }
 
+#: where the fast preset's cost goes (--ablations)
+ABLATIONS = {
+    "fast, no Δ in the FPN": dict(
+        preset="fast", side=dict(at="backbone.body"), targets=HEAD_TARGETS[1:]
+    ),
+    "fast, side w32, no image stem": dict(
+        preset="fast", side=dict(at="backbone.body", width=32, image=False), targets=HEAD_TARGETS
+    ),
+    "side only (no Δ after the body)": dict(side=dict(at="backbone.body"), branch=None),
+    "side beside body+FPN, Δ heads": dict(
+        preset="fast", side=dict(at="backbone"), targets=HEAD_TARGETS[1:]
+    ),
+}
+
 
 def build_detector(num_classes: int = 91) -> FasterRCNN:
     """Faster R-CNN R-50 FPN (torchvision), random weights, frozen BatchNorm."""
@@ -159,7 +173,7 @@ def measure(args) -> dict:
     torch.manual_seed(0)
     base = build_detector().eval()
     rows, lines = {}, {}
-    for label, spec in ROWS.items():
+    for label, spec in {**ROWS, **(ABLATIONS if args.ablations else {})}.items():
         rows[label], lines[label] = make_row(base, spec)
     g = torch.Generator().manual_seed(0)
     images = [torch.rand(3, *args.size, generator=g).to(device) for _ in range(args.batch)]
@@ -231,7 +245,7 @@ def render(result: dict) -> str:
             q1, _, q3 = row["step_ms_quartiles"]
             mem = f"{row['memory_ratio']:.2f}x" if row["memory_ratio"] is not None else "-"
             out.append(
-                f"  {label:<32}{row['step_ms']:>8.1f} ({q1:.1f}-{q3:.1f}){row['step_ratio']:>8.2f}x"
+                f"  {label:<34}{row['step_ms']:>8.1f} ({q1:.1f}-{q3:.1f}){row['step_ratio']:>8.2f}x"
                 f"{row['peak_mib']:>10.0f}  {mem}"
             )
         out.append(f"{precision}: inference (eval, no_grad)   median ms   ratio to base")
@@ -249,6 +263,7 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--ablations", action="store_true", help="also the ABLATIONS rows")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
     result = measure(args)

@@ -11,6 +11,8 @@ norm_only  BitFit-style: the patch owns every norm layer (affine + running stati
 lora_conv  LoRA-style: a rank-r low-rank Δ on every conv / linear layer of the model (final
            classifiers excepted), base normalisation statistics
 delta      Δ-Patching's default: the task config's own ``delta_patch``
+delta_fast the fast preset (``preset='fast'``): a side Δ-network beside the frozen backbone
+           (which runs without gradients) and rank-8 Δ on the neck and heads
 delta_*    its variants, one axis at a time: placement by backbone stage (Δ from stage k on,
            or none in the backbone), branch type, rank
 ========== ===================================================================================
@@ -152,6 +154,12 @@ def comparison_methods(
             ),
         ),
         Method("delta", "delta", "Δ-Patching (default)", default),
+        Method(
+            "delta_fast",
+            "delta",
+            "Δ-Patching fast (preset='fast': side network)",
+            dict(keep, preset="fast"),
+        ),
     ]
 
     branch = resolved["branch"]
