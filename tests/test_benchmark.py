@@ -19,7 +19,6 @@ from mmdelta.benchmark.methods import backbone_stages, heads
 from mmdelta.benchmark.report import (
     LATENCY_FIELDS,
     METHOD_FIELDS,
-    PAINT_FIELDS,
     TARGETS,
     TOP_FIELDS,
     recommend,
@@ -50,12 +49,23 @@ def test_tiny_benchmark_writes_every_field_plot_and_keeps_the_base_exact(tmp_pat
         tmp_path / "data",
         "--base-dir",
         tmp_path / "base",
+        "--methods",
+        "head_only,delta",
         "--ft-lr",
         "1e-4,3e-4",
+        "--lr-scales",
+        "1,3",
+        "--seeds",
+        "2",
+        "--val-fraction",
+        "0.25",
+        "--equal-time-cap",
+        "2",
+        "--no-paint",  # PAINT: its unit test below and the report test in test_benchmark_protocol
         "--placements",
-        "4,none",
+        "",
         "--branch-types",
-        "ScaleShiftDelta",
+        "",
         "--ranks",
         "",
         "--cost-repeats",
@@ -72,36 +82,65 @@ def test_tiny_benchmark_writes_every_field_plot_and_keeps_the_base_exact(tmp_pat
     report = json.loads((out / "benchmark.json").read_text())
     assert set(TOP_FIELDS) <= set(report), set(TOP_FIELDS) - set(report)
     ids = [r["id"] for r in report["methods"]]
-    assert ids == [
-        "full_ft",
-        "head_only",
-        "norm_only",
-        "lora_conv",
-        "delta",
-        "delta_stages_4",
-        "delta_stages_none",
-        "delta_ScaleShiftDelta",
-    ]
-    ckpt = report["setting"]["checkpoint_bytes"]
-    assert ckpt == os.path.getsize(report["setting"]["checkpoint"])
+    assert ids == ["full_ft", "head_only", "delta"]
+    setting = report["setting"]
+    ckpt = setting["checkpoint_bytes"]
+    assert ckpt == os.path.getsize(setting["checkpoint"])
+    # patch sizes are compared with the base model's weights, not the checkpoint file
+    state = torch.load(setting["checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
+    weights = sum(t.numel() * t.element_size() for t in state.values())
+    assert setting["model_bytes"] == weights
+    # the val split: carved from the 8 training images, none of them a test image
+    split = setting["split"]
+    assert split["val_fraction"] == 0.25 and split["seed"] == 0
+    assert split["selection"] == "validation"
+    assert split["images"]["fit"] + split["images"]["val"] == 8
+    assert split["images"]["val"] >= 1 and split["images"]["test"] == 4
+    val_paths = (out / "val_split.txt").read_text().split()
+    assert len(val_paths) == split["images"]["val"]
+    assert all("/JPEGImages/" in p for p in val_paths)
+    test_ids = (tmp_path / "data/det_shifted_tiny/shapes/ImageSets/Main/test.txt").read_text()
+    assert not {Path(p).stem for p in val_paths} & set(test_ids.split())
+    assert setting["ft_lr_grid"] == [1e-4, 3e-4] and setting["lr_scales"] == [1.0, 3.0]
+    assert setting["top_rows"] == ["full_ft", "delta"]
     for row in report["methods"]:
         assert set(METHOD_FIELDS) <= set(row), (row["id"], set(METHOD_FIELDS) - set(row))
         assert 0 <= row["new_task"] <= 1 and 0 <= row["base_task"] <= 1
         assert row["iterations"] == 2 and row["train_seconds"] > 0
         assert row["patch_bytes"] == os.path.getsize(row["checkpoint"])
-        assert row["patch_to_checkpoint"] == pytest.approx(row["patch_bytes"] / ckpt)
+        assert row["patch_to_model"] == pytest.approx(row["patch_bytes"] / weights)
         assert row["step_seconds"] > 0 and row["peak_memory_bytes"] > 0
         assert len(row["cost_runs"]) == 1  # one fresh process per (method, repeat)
         assert row["step_time_ratio"] > 0 and row["peak_memory_ratio"] > 0
+        # the lr: each of the grid trained (seed 0) and scored on validation, the best kept
+        sweep = row["lr_sweep"]
+        assert [p["lr"] for p in sweep] == row["lr_grid"] and len(sweep) == 2
+        assert all(0 <= p["val_metric"] <= 1 and p["seed"] == 0 for p in sweep)
+        best = max(sweep, key=lambda p: p["val_metric"])  # ties: the first, as the tool
+        assert row["lr"] == best["lr"] and row["val_metric"] == best["val_metric"]
+        assert row["work_dir"] == best["work_dir"] and row["config"].startswith(row["work_dir"])
+        # seeds: the top rows twice at the chosen lr (seed 0 = the sweep's run), others once
+        seeds = row["seeds"]
+        assert [p["seed"] for p in seeds] == ([0, 1] if row["id"] in ("full_ft", "delta") else [0])
+        assert all(p["lr"] == row["lr"] for p in seeds) and seeds[0]["work_dir"] == row["work_dir"]
+        values = [p["new_task"] for p in seeds]
+        assert row["new_task"] == pytest.approx(sum(values) / len(values))
+        assert (row["new_task_min"], row["new_task_max"]) == (min(values), max(values))
+        eq = row["equal_time"]
+        if row["id"] in ("full_ft", "delta"):
+            assert 1 <= eq["iterations"] <= 4 and 0 <= eq["new_task"] <= 1
+            assert row["new_task_equal_time"] == eq["new_task"]
+            if eq["reused"]:
+                assert eq["new_task"] == seeds[0]["new_task"]
+        else:
+            assert eq is None and row["new_task_equal_time"] is None
         if row["family"] == "full_ft":
             assert row["delta_patch"] is None and row["latency"] is None
             assert row["patch_fraction"] == 1.0 and row["step_time_ratio"] == 1.0
-            sweep = report["setting"]["ft_lr_sweep"]
-            assert [p["lr"] for p in sweep] == [1e-4, 3e-4]  # both trained, the best kept
-            best = max(sweep, key=lambda p: p["new_task"])
-            assert row["lr"] == best["lr"] and row["new_task"] == best["new_task"]
-            assert row["label"].startswith("full fine-tuning (lr")
+            assert row["lr"] == setting["ft_lr"] and row["lr_grid"] == [1e-4, 3e-4]
+            assert eq["iterations"] == 2 and eq["reused"]
         else:
+            assert row["lr_grid"] == pytest.approx([5e-3, 1.5e-2])
             assert row["base_identical"] is True, row["first_difference"]
             assert row["retention"] == 1.0 and row["exactness_checked_on"] == "base task"
             assert set(LATENCY_FIELDS) == set(row["latency"])
@@ -110,38 +149,36 @@ def test_tiny_benchmark_writes_every_field_plot_and_keeps_the_base_exact(tmp_pat
     by_id = {r["id"]: r for r in report["methods"]}
     assert by_id["head_only"]["delta_params"] == 0 and by_id["head_only"]["owned_params"] > 0
     assert by_id["delta"]["delta_patch"]["targets"][0] == "backbone"
-    assert by_id["delta_stages_4"]["delta_patch"]["targets"][0] == "backbone.layer4"
+    # every training config trains on the fit part and validates on the val part
+    trained = Config.fromfile(by_id["delta"]["config"])
+    assert trained.train_dataloader.dataset.type == "TrainValSplit"
+    assert trained.train_dataloader.dataset.part == "fit"
+    assert trained.val_dataloader.dataset.part == "val"
 
-    alphas = [p["alpha"] for p in report["paint"]]
-    assert alphas == [round(0.1 * i, 1) for i in range(11)]
-    for p in report["paint"]:
-        assert set(PAINT_FIELDS) == set(p)
-    # α = 0 is the base, α = 1 the fully fine-tuned model
-    assert report["paint"][0]["base_task"] == report["base"]["base_task"]
-    assert report["paint"][-1]["new_task"] == by_id["full_ft"]["new_task"]
-    assert report["paint"][-1]["base_task"] == by_id["full_ft"]["base_task"]
+    assert report["paint"] == [] and report["targets"]["beats_paint"]["value"] is None
     assert set(report["targets"]) == {t[0] for t in TARGETS}
     for t in report["targets"].values():
         assert {"what", "value", "target", "op", "met"} == set(t)
     assert report["targets"]["base_identical"]["met"] is True
     assert report["recommended"]["id"] in ids
-    png = (out / "tradeoff.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-    assert "PAINT" in (out / "benchmark.md").read_text()
-    # --rerender rewrites the markdown and the plot from the JSON alone (no training)
+    for plot in ("tradeoff.png", "frontier.png"):
+        png = (out / plot).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    markdown = (out / "benchmark.md").read_text()
+    assert "chosen on validation" in markdown and "(n=2)" in markdown
+    # --rerender rewrites the markdown and the plots from the JSON alone (no training)
     (out / "benchmark.md").unlink()
     (out / "tradeoff.png").unlink()
+    (out / "frontier.png").unlink()
     again = run_tool(ROOT / "tools/benchmark.py", "--rerender", out)
     assert "## Targets" in again.stdout and (out / "tradeoff.png").is_file()
+    assert (out / "frontier.png").is_file()
     assert json.loads((out / "benchmark.json").read_text())["methods"] == report["methods"]
 
     # independently of the tool: each Δ method's patch, switched off, predicts what the base does
-    cfg = Config.fromfile(str(Path(by_id["delta"]["work_dir"]) / "config.py"))
+    cfg = Config.fromfile(by_id["delta"]["config"])
     base_cfg = copy.deepcopy(cfg)
-    base_root = str(tmp_path / "data" / "det_base_tiny")
-    base_cfg.merge_from_dict(
-        {f"{k}.dataset.data_root": base_root for k in ("test_dataloader", "val_dataloader")}
-    )
+    base_cfg.test_dataloader.dataset.data_root = str(tmp_path / "data" / "det_base_tiny")
     base = evaluate(init_base_model(cfg, report["setting"]["checkpoint"]), base_cfg)
     for row in report["methods"][1:]:
         patched = init_patched_model(cfg, report["setting"]["checkpoint"], row["checkpoint"])

@@ -12,11 +12,27 @@ Real data (a Δ training config of the new task, e.g. configs/delta_faster_rcnn_
 
 Every method trains from the same base with the config's schedule (its own delta_patch is
 Δ-Patching's default; variants change placement by stage, branch type and rank one at a
-time); all are scored on the new task and on the base task (Δ methods with the patch off,
-checked prediction by prediction), costed side by side (step time, peak memory: a fresh
-process per method and repeat, order rotated; inference latency unmerged / merged vs the
-base) and, where the head is shared, compared with PAINT interpolation α = 0 … 1. Writes
-OUT/benchmark.json, benchmark.md and tradeoff.png.
+time). The protocol chooses nothing on the test set:
+
+* validation split: --val-fraction of the new task's training images (a stable hash of each
+  image's path, --split-seed; mmdelta.datasets.TrainValSplit) is held out; every method
+  trains on the rest (*fit*) and is scored on the held-out *val* part (the test pipeline).
+  A val image that is also a test image stops the run.
+* lr chosen on validation for every method: full fine-tuning trains at each --ft-lr, each
+  patch method at each of --lr-scales × the config's lr; the best val metric is kept and
+  only that run is scored on the test sets (new task; base task with the patch off, checked
+  prediction by prediction; inference latency unmerged / merged vs the base).
+* seeds: the top rows (full_ft, delta, delta_fast where present) are retrained at the chosen
+  lr with --seeds seeds (randomness.seed 0, 1, …): test mean, min, max and every seed.
+* equal wall-clock: the top rows train once more for round(iters × full_ft step time / their
+  step time) iterations (at most --equal-time-cap × iters; the schedule stretched alike);
+  --no-equal-time skips it.
+* costs side by side (step time, peak memory: a fresh process per method and repeat, order
+  rotated); patch files compared with the base model's weights (its state dict's tensors);
+  where the head is shared, PAINT interpolation α = 0 … 1 toward the chosen full_ft.
+
+Writes OUT/benchmark.json, benchmark.md, tradeoff.png, frontier.png (new task vs step-time
+and peak-memory ratio) and val_split.txt (the val part's images).
 """
 
 import argparse
@@ -69,9 +85,44 @@ def parse_args(argv=None):
     parser.add_argument(
         "--ft-lr",
         type=_csv(float),
-        help="full fine-tuning's lr(s), comma-separated: each is trained and the best on the "
-        "new task kept (default: --finetune-config's own; else 1e-4,3e-4,1e-3 with the Δ "
-        "config's optimiser and schedule)",
+        help="full fine-tuning's lr grid, comma-separated: each is trained and the best on the "
+        "validation split kept (default: --finetune-config's own; else 1e-4,3e-4,1e-3 with "
+        "the Δ config's optimiser and schedule)",
+    )
+    parser.add_argument(
+        "--lr-scales",
+        type=_csv(float),
+        default=(0.33, 1.0, 3.0),
+        help="the patch methods' lr grid as multiples of the config's lr (default 0.33,1,3); "
+        "the best on the validation split is kept",
+    )
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.15,
+        help="fraction of the new task's training images held out to choose lrs (default 0.15)",
+    )
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of the val split's hash")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=2,
+        help="training seeds of the top rows (full_ft, delta, delta_fast) at the chosen lr",
+    )
+    parser.add_argument(
+        "--top-rows",
+        type=_csv(str),
+        default=("full_ft", "delta", "delta_fast"),
+        help="method ids retrained with --seeds seeds and at equal wall-clock (those present)",
+    )
+    parser.add_argument(
+        "--equal-time-cap",
+        type=float,
+        default=4.0,
+        help="equal wall-clock runs train at most this × the schedule's iterations",
+    )
+    parser.add_argument(
+        "--no-equal-time", action="store_true", help="skip the equal wall-clock runs"
     )
     parser.add_argument(
         "--placements",
@@ -88,12 +139,22 @@ def parse_args(argv=None):
     parser.add_argument(
         "--rerender",
         metavar="OUT",
-        help="rewrite OUT's benchmark.md / tradeoff.png (and targets) from its benchmark.json",
+        help="rewrite OUT's benchmark.md / tradeoff.png / frontier.png (and targets) from its "
+        "benchmark.json",
     )
     parser.add_argument("--cost-steps", type=int, default=8)
     parser.add_argument("--cost-warmup", type=int, default=2)
     parser.add_argument("--latency-images", type=int, default=20)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not 0 < args.val_fraction < 1:
+        parser.error(f"--val-fraction {args.val_fraction}: must be between 0 and 1")
+    if args.seeds < 1:
+        parser.error(f"--seeds {args.seeds}: at least 1")
+    if not args.lr_scales or any(v <= 0 for v in args.lr_scales):
+        parser.error(f"--lr-scales {args.lr_scales}: positive multipliers, at least one")
+    if args.equal_time_cap < 1:
+        parser.error(f"--equal-time-cap {args.equal_time_cap}: at least 1")
+    return args
 
 
 def main(argv=None) -> int:
@@ -130,6 +191,13 @@ def main(argv=None) -> int:
             )
         options = Options(
             ft_lrs=args.ft_lr or None,
+            lr_scales=args.lr_scales,
+            val_fraction=args.val_fraction,
+            split_seed=args.split_seed,
+            seeds=args.seeds,
+            top_rows=args.top_rows,
+            equal_time=not args.no_equal_time,
+            equal_time_cap=args.equal_time_cap,
             placements=args.placements,
             branch_types=args.branch_types,
             ranks=args.ranks,

@@ -93,7 +93,10 @@ def measure_training(config: str, steps: int, warmup: int) -> dict:
 
     cfg = Config.fromfile(config)
     iters = warmup + steps
-    cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=iters, val_interval=iters + 1)
+    # no validation pass (IterBasedTrainLoop validates after the last iteration from val_begin)
+    cfg.train_cfg = dict(
+        type="IterBasedTrainLoop", max_iters=iters, val_interval=iters + 1, val_begin=iters + 1
+    )
     cfg.default_hooks.checkpoint = dict(type="CheckpointHook", interval=iters + 1, by_epoch=False)
     cfg.default_hooks.logger = dict(type="LoggerHook", interval=iters + 1)
     cfg.train_dataloader.num_workers = 0

@@ -1,11 +1,25 @@
-"""The benchmark: train every method on one task from one base, score, cost, interpolate.
+"""The benchmark: train every method on one task from one base, choose its lr on a validation
+split, score it on the test set, cost it, interpolate.
+
+Protocol (:mod:`.protocol`): the new task's training set is split deterministically into a
+*fit* part (what every method trains on) and a *val* part (``--val-fraction``, by a stable
+hash of each image's path; no val image may be a test image). Every method trains at each lr
+of its grid on the fit part (full fine-tuning: ``--ft-lr``; patch methods: ``--lr-scales`` ×
+the config's own lr), is scored on the val part, and only the lr with the best validation
+metric is scored on the test set — the test set chooses nothing. The top rows
+(``Options.top_rows``) are retrained at the chosen lr with ``--seeds`` seeds (test mean,
+min, max) and once more at equal wall-clock (as many iterations as full fine-tuning's
+schedule takes time, at most ``--equal-time-cap`` × the schedule).
 
 Output folder (``out``)::
 
-    methods/<id>/               each method's training run (mmengine logs), its patch file
-                                (or full_ft.pth) and config.py (what the cost runs train)
+    methods/<id>/lr<lr>/        each run of the lr sweep (mmengine logs, its patch file or
+                                full_ft.pth, config.py: what the cost runs train)
+    methods/<id>/seed<k>/       the top rows' further seeds at the chosen lr
+    methods/<id>/equal_time/    the top rows' equal wall-clock run
+    val_split.txt               the val part's images, one path a line
     benchmark.json              every number (fields: :data:`~.report.METHOD_FIELDS` …)
-    benchmark.md, tradeoff.png  the tables and the base-task vs new-task plot
+    benchmark.md, tradeoff.png, frontier.png   the tables and plots
 
 Scores: *new task* = the method's model on the task's test set; *base task* = the model as
 it would serve the base's own test set — Δ methods with their patch **off** (and checked
@@ -15,13 +29,13 @@ prediction by prediction to equal the base's), full fine-tuning and PAINT as the
 from __future__ import annotations
 
 import copy
-import dataclasses
 import datetime
 import os
+import statistics
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,13 +44,23 @@ from mmengine.runner import Runner
 
 from ..apis import init_base_model, init_patched_model
 from ..demo.evaluate import Evaluation, evaluate, first_difference
-from ..fileio import write_atomic
+from ..fileio import write_atomic, write_text_atomic
 from ..patching import delta_disabled, merge_patch
 from ..runner.checkpoint import mmengine_checkpoints
 from ..runner.cli import build_runner
 from .costs import inference_latency, training_costs
 from .methods import BenchmarkError, Method, comparison_methods, method_config
 from .paint import ALPHAS, interpolate
+from .protocol import (
+    Split,
+    apply_split,
+    check_split,
+    choose,
+    equal_time_iterations,
+    lr_grid,
+    model_bytes,
+    val_split,
+)
 from .report import assemble, write_outputs
 
 #: mmseg reports these in percent
@@ -66,16 +90,21 @@ class Setting:
         return self.task_cfg.delta_patch.get("classes") is None
 
 
-#: full fine-tuning's lrs (the best on the new task is kept) when it runs the Δ config's
-#: optimiser and schedule; on the embedded shift task 1e-4 / 3e-4 gave 0.779 / 0.871 mAP
+#: full fine-tuning's lr grid when it runs the Δ config's optimiser and schedule; on the
+#: embedded shift task 1e-4 / 3e-4 gave 0.779 / 0.871 test mAP
 DEFAULT_FT_LRS = (1e-4, 3e-4, 1e-3)
+#: the patch methods' lr grid: multiples of the config's own lr
+DEFAULT_LR_SCALES = (0.33, 1.0, 3.0)
+#: the rows retrained with several seeds and at equal wall-clock (those that exist)
+TOP_ROWS = ("full_ft", "delta", "delta_fast")
 
 
 @dataclass
 class Options:
-    #: full fine-tuning's lrs, each trained, the best kept; None: the --finetune-config's
-    #: own lr, else DEFAULT_FT_LRS
+    #: full fine-tuning's lr grid; None: the --finetune-config's own lr, else DEFAULT_FT_LRS
     ft_lrs: tuple[float, ...] | None = None
+    #: the patch methods' lr grid as multiples of the config's lr
+    lr_scales: tuple[float, ...] = DEFAULT_LR_SCALES
     placements: tuple[str, ...] = ("3", "4", "none")
     branch_types: tuple[str, ...] = ("ScaleShiftDelta", "BlockDelta")
     ranks: tuple[int, ...] = (4, 16)
@@ -87,6 +116,12 @@ class Options:
     latency_repeats: int = 2
     paint: bool = True  # PAINT α sweep (same-class tasks)
     iterations: int | None = None  # training iterations of every method (None: the config's)
+    val_fraction: float = 0.15  # of the new task's training images, for choosing the lr
+    split_seed: int = 0
+    seeds: int = 2  # of the top rows (seed = randomness.seed = 0, 1, …)
+    top_rows: tuple[str, ...] = TOP_ROWS
+    equal_time: bool = True
+    equal_time_cap: float = 4.0  # at most this × the schedule's iterations
 
 
 def metric_value(evaluation: Evaluation, key: str) -> float:
@@ -108,11 +143,27 @@ def _pick_metric(evaluation: Evaluation) -> str:
     return floats[0]
 
 
+@dataclass
+class Context:
+    """What every run of one benchmark shares."""
+
+    setting: Setting
+    out: Path
+    options: Options
+    key: str
+    splits: dict[str, Split]  # 'task' (patch methods) and 'full_ft' (its own config's)
+    base_model: torch.nn.Module | None = None
+    exact_cfg: Config | None = None
+    base_exact: Evaluation | None = None
+    latency_batches: list = field(default_factory=list)
+    log: Callable[[str], None] = print
+
+
 def run_benchmark(
     setting: Setting, out: str | os.PathLike, options: Options, log: Callable = print
 ) -> dict:
-    """Runs the comparison and writes ``benchmark.json`` / ``.md`` / ``tradeoff.png``;
-    returns the report."""
+    """Runs the comparison and writes ``benchmark.json`` / ``.md`` / ``tradeoff.png`` /
+    ``frontier.png`` / ``val_split.txt``; returns the report."""
     out = Path(out)
     started = time.perf_counter()
     task_cfg, base_cfg = setting.task_cfg, setting.base_cfg
@@ -120,6 +171,16 @@ def run_benchmark(
         _set_iterations(task_cfg, options.iterations)
         if setting.finetune_cfg is not None:
             _set_iterations(setting.finetune_cfg, options.iterations)
+
+    splits = _splits(setting, options)
+    task_split = splits["task"]
+    log(
+        f"== split: {task_split.images['fit']} fit / {task_split.images['val']} val images "
+        f"(val fraction {options.val_fraction}, seed {options.split_seed}), "
+        f"{task_split.images['test']} test images"
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "val_split.txt", "".join(f"{p}\n" for p in task_split.val_paths))
 
     base_model = init_base_model(base_cfg or task_cfg, setting.checkpoint)
     exact_cfg = base_cfg or task_cfg  # where patch-off predictions are compared with the base
@@ -135,11 +196,10 @@ def run_benchmark(
         f"{_fmt(base_scores['new_task'])} ({key})"
     )
 
-    ft_lrs = options.ft_lrs or ((None,) if setting.finetune_cfg is not None else DEFAULT_FT_LRS)
     methods = comparison_methods(
         task_cfg,
         base_model,
-        ft_lrs[0],
+        None,
         options.placements,
         options.branch_types,
         options.ranks,
@@ -151,39 +211,45 @@ def run_benchmark(
                 f"--methods {unknown} unknown; the methods are {[m.id for m in methods]}"
             )
         methods = [m for m in methods if m.id in options.methods or m.id == "full_ft"]
+    top = [i for i in options.top_rows if any(m.id == i for m in methods)]
 
-    latency_batches = _batches(task_cfg, options.latency_images)
-    rows, configs, ft_state, ft_sweep = [], {}, None, []
-    for method in methods:
-        if not method.is_patch:
-            row, ft_state, ft_sweep, configs[method.id] = _full_ft(
-                method, ft_lrs, setting, out, key, log
-            )
-            rows.append(row)
-            continue
-        log(f"== {method.id}: {method.label}")
-        cfg = _method_cfg(setting, method, out)
-        configs[method.id] = str(Path(cfg.work_dir) / "config.py")
-        cfg.dump(configs[method.id])
-        row = _train(method, cfg, setting)
-        row.update(_score_patch(row, cfg, setting, exact_cfg, base_exact, key, base_model))
-        row["latency"] = _latency(base_model, row.pop("_model"), latency_batches, options)
-        log(
-            f"   new task {row['new_task']:.3f}, base task {_fmt(row['base_task'])}, "
-            f"identical with patch off: {row['base_identical']}, {row['train_seconds']:.0f} s"
-        )
-        rows.append(row)
+    ctx = Context(
+        setting=setting,
+        out=out,
+        options=options,
+        key=key,
+        splits=splits,
+        base_model=base_model,
+        exact_cfg=exact_cfg,
+        base_exact=base_exact,
+        latency_batches=_batches(task_cfg, options.latency_images),
+        log=log,
+    )
+    rows = [
+        evaluate_method(m, ctx, seeds=max(1, options.seeds) if m.id in top else 1) for m in methods
+    ]
+    full = next(r for r in rows if r["family"] == "full_ft")
 
     paint = []
-    if options.paint and ft_state is not None and setting.same_classes:
+    if options.paint and setting.same_classes:
+        ft_state = init_base_model(_cfg_of(full), full["checkpoint"]).state_dict()
         paint = _paint(setting, key, ft_state, log)
 
     costs = {}
     if options.cost_repeats > 0:
+        configs = {r["id"]: r["config"] for r in rows}
         log(f"== training cost: {len(configs)} methods × {options.cost_repeats} repeats")
         costs = training_costs(
             configs, options.cost_repeats, options.cost_steps, options.cost_warmup, log=log
         )
+    for row in rows:
+        row["train_step_seconds"] = _train_step_seconds(row)
+    if options.equal_time:
+        by_id = {m.id: m for m in methods}
+        for row in rows:
+            if row["id"] in top:
+                row["equal_time"] = equal_time_run(by_id[row["id"]], row, full, costs, ctx)
+
     report = assemble(
         setting=dict(
             name=setting.name,
@@ -192,16 +258,28 @@ def run_benchmark(
             metric_label=setting.metric_label or key,
             checkpoint=setting.checkpoint,
             checkpoint_bytes=os.path.getsize(setting.checkpoint),
+            model_bytes=model_bytes(base_model),
             task_config=task_cfg.filename,
             base_config=base_cfg.filename if base_cfg is not None else None,
             iterations=task_cfg.train_cfg.get("max_iters"),
-            ft_lr=next((r["lr"] for r in rows if r["family"] == "full_ft"), None),
-            ft_lr_sweep=ft_sweep,
+            ft_lr=full["lr"],
+            ft_lr_grid=[p["lr"] for p in full["lr_sweep"]],
+            lr_scales=list(options.lr_scales),
+            split=dict(
+                val_fraction=options.val_fraction,
+                seed=options.split_seed,
+                images=dict(task_split.images),
+                val_list=str(out / "val_split.txt"),
+                selection="validation",
+            ),
+            seeds=options.seeds,
+            top_rows=top,
+            equal_time=dict(enabled=options.equal_time, cap=options.equal_time_cap),
             cost=dict(
                 repeats=options.cost_repeats,
                 steps=options.cost_steps,
                 warmup=options.cost_warmup,
-                latency_images=len(latency_batches),
+                latency_images=len(ctx.latency_batches),
                 latency_repeats=options.latency_repeats,
             ),
         ),
@@ -215,6 +293,183 @@ def run_benchmark(
     write_outputs(report, out)
     log(f"== benchmark written to {out} ({report['seconds']:.0f} s)")
     return report
+
+
+# --------------------------------------------------------------------------- protocol
+
+
+def _splits(setting: Setting, options: Options) -> dict[str, Split]:
+    """The task config's fit / val split (checked against its test set), and full
+    fine-tuning's (its own config's datasets, the same images) when it has its own config."""
+
+    def carve(cfg) -> Split:
+        split = val_split(cfg, options.val_fraction, options.split_seed)
+        return check_split(cfg, split, str(cfg.filename))
+
+    task = carve(setting.task_cfg)
+    splits = dict(task=task, full_ft=task)
+    if setting.finetune_cfg is not None:
+        splits["full_ft"] = carve(setting.finetune_cfg)
+    return splits
+
+
+def _grid(method: Method, ctx: Context) -> tuple[float, ...]:
+    setting, options = ctx.setting, ctx.options
+    if not method.is_patch:
+        if options.ft_lrs:
+            return tuple(options.ft_lrs)
+        if setting.finetune_cfg is not None:
+            return (float(setting.finetune_cfg.optim_wrapper.optimizer.lr),)
+        return DEFAULT_FT_LRS
+    return lr_grid(float(setting.task_cfg.optim_wrapper.optimizer.lr), options.lr_scales)
+
+
+#: fields of a run in a row's lr_sweep / seeds
+RUN_FIELDS = ("lr", "seed", "iterations", "val_metric", "train_seconds", "work_dir")
+
+
+def _public(run: dict, *extra: str) -> dict:
+    return {k: run.get(k) for k in (*RUN_FIELDS, *extra)}
+
+
+def evaluate_method(method: Method, ctx: Context, seeds: int = 1) -> dict:
+    """The method's row: each lr of its grid trained (seed 0) and scored on the val part;
+    the best on validation scored on the test set (new task, base task, exactness,
+    latency); with ``seeds`` > 1 retrained at that lr with seeds 1 … and scored on the test
+    set's new task. ``new_task`` is the mean over seeds."""
+    grid = _grid(method, ctx)
+    ctx.log(f"== {method.id}: {method.label}, lr grid {', '.join(f'{lr:g}' for lr in grid)}")
+    sweep = [train_run(method, ctx, lr=lr, seed=0, tag=f"lr{lr:g}") for lr in grid]
+    chosen = choose(sweep)
+    ctx.log(f"   chosen on validation: lr {chosen['lr']:g} (val {chosen['val_metric']:.3f})")
+    row = {k: v for k, v in chosen.items() if not k.startswith("_")}
+    row.update(score_chosen(method, chosen, ctx))
+    runs = [dict(_public(chosen), new_task=row["new_task"])]
+    for seed in range(1, seeds):
+        run = train_run(method, ctx, lr=chosen["lr"], seed=seed, tag=f"seed{seed}")
+        runs.append(dict(_public(run), new_task=new_task_score(method, run, ctx)))
+        ctx.log(f"   seed {seed}: new task {runs[-1]['new_task']:.3f}")
+    values = [r["new_task"] for r in runs]
+    row.update(
+        lr_grid=list(grid),
+        lr_sweep=[_public(r) for r in sweep],
+        seeds=runs,
+        new_task=statistics.fmean(values),
+        new_task_min=min(values),
+        new_task_max=max(values),
+        equal_time=None,
+    )
+    ctx.log(
+        f"   new task {row['new_task']:.3f}"
+        + (f" (seeds {', '.join(f'{v:.3f}' for v in values)})" if len(values) > 1 else "")
+        + f", base task {_fmt(row['base_task'])}, identical with patch off: "
+        f"{row['base_identical']}"
+    )
+    return row
+
+
+def train_run(
+    method: Method, ctx: Context, lr: float, seed: int, tag: str, iterations: int | None = None
+) -> dict:
+    """One training run on the fit part, scored on the val part. Returns the run's record
+    (``_cfg``: its config, also written to ``work_dir/config.py``)."""
+    cfg = _method_cfg(ctx, method, lr, seed, tag)
+    if iterations is not None:
+        _scale_schedule(cfg, iterations)
+    config = str(Path(cfg.work_dir) / "config.py")
+    cfg.dump(config)
+    run, model = _train(method, cfg)
+    val = evaluate(model, cfg, "val_dataloader", "val_evaluator")
+    del model
+    run.update(seed=seed, val_metric=metric_value(val, ctx.key), config=config, _cfg=cfg)
+    ctx.log(
+        f"   {method.id} lr {lr:g} seed {seed}: val {run['val_metric']:.3f} "
+        f"({run['iterations']} iterations, {run['train_seconds']:.0f} s)"
+    )
+    return run
+
+
+def score_chosen(method: Method, run: dict, ctx: Context) -> dict:
+    """The chosen run on the test sets: new task, base task (Δ methods with the patch off,
+    checked prediction by prediction), latency."""
+    cfg, setting = run["_cfg"], ctx.setting
+    if not method.is_patch:
+        scores = _score_full(cfg, run["checkpoint"], setting, ctx.key)
+        scores["latency"] = None
+        return scores
+    scores = _score_patch(run, cfg, setting, ctx.exact_cfg, ctx.base_exact, ctx.key, ctx.base_model)
+    scores["latency"] = _latency(
+        ctx.base_model, scores.pop("_model"), ctx.latency_batches, ctx.options
+    )
+    return scores
+
+
+def new_task_score(method: Method, run: dict, ctx: Context) -> float:
+    """The run's model on the new task's test set."""
+    cfg = run["_cfg"]
+    if method.is_patch:
+        model = init_patched_model(cfg, ctx.setting.checkpoint, patch=run["checkpoint"])
+    else:
+        model = init_base_model(cfg, run["checkpoint"])
+    return metric_value(evaluate(model, cfg), ctx.key)
+
+
+def _train_step_seconds(row: dict) -> float | None:
+    """Median training seconds per iteration over the method's runs (sweep and seeds; the
+    runner's setup included: a coarse figure, used when no cost runs were made)."""
+    runs = [*row.get("lr_sweep", []), *row.get("seeds", [])[1:]]
+    per = [r["train_seconds"] / r["iterations"] for r in runs if r.get("iterations")]
+    return statistics.median(per) if per else None
+
+
+def _step_seconds(row: dict, costs: dict) -> tuple[float | None, str]:
+    cost = costs.get(row["id"])
+    if cost:
+        return cost["step_seconds"], "cost runs"
+    return row.get("train_step_seconds"), "training runs"
+
+
+def equal_time_run(method: Method, row: dict, full: dict, costs: dict, ctx: Context) -> dict:
+    """The method at its chosen lr (seed 0) for as many iterations as take it as long as full
+    fine-tuning's schedule (``round(iters × full_ft step / its step)``, at most
+    ``equal_time_cap`` × iters), scored on the new task's test set."""
+    iters = row["iterations"]
+    full_step, source = _step_seconds(full, costs)
+    step, _ = _step_seconds(row, costs)
+    cfg = _cfg_of(row)
+    loop = str(cfg.train_cfg.get("type", "")).split(".")[-1]
+    if loop != "IterBasedTrainLoop":
+        return dict(skipped=f"{loop or 'epoch-based'} schedule (iteration-based only)")
+    if not full_step or not step:
+        return dict(skipped="no step times")
+    n, capped = equal_time_iterations(iters, full_step, step, ctx.options.equal_time_cap)
+    out = dict(
+        iterations=n,
+        step_ratio=step / full_step,
+        step_source=source,
+        capped=capped,
+        new_task=row["seeds"][0]["new_task"],
+        train_seconds=None,
+        work_dir=None,
+        reused=True,
+    )
+    if row["id"] == full["id"] or n == iters:
+        return out  # the same run as the chosen one
+    ctx.log(f"== {row['id']} at equal wall-clock: {n} iterations (schedule {iters})")
+    run = train_run(method, ctx, lr=row["lr"], seed=0, tag="equal_time", iterations=n)
+    out.update(
+        new_task=new_task_score(method, run, ctx),
+        val_metric=run["val_metric"],
+        train_seconds=run["train_seconds"],
+        work_dir=run["work_dir"],
+        reused=False,
+    )
+    ctx.log(f"   new task at equal wall-clock {out['new_task']:.3f}")
+    return out
+
+
+def _cfg_of(row: dict) -> Config:
+    return Config.fromfile(row["config"])
 
 
 # --------------------------------------------------------------------------- steps
@@ -241,21 +496,45 @@ def _set_iterations(cfg: Config, iters: int) -> None:
             scheduler["begin"] = 0
 
 
-def _method_cfg(setting: Setting, method: Method, out: Path) -> Config:
+def _scale_schedule(cfg: Config, iters: int) -> None:
+    """``iters`` iterations with the schedule stretched to them: every scheduler's begin /
+    end scaled by ``iters / max_iters`` (warm-up and decay keep their shape)."""
+    old = cfg.train_cfg.max_iters
+    for scheduler in cfg.get("param_scheduler") or []:
+        for k in ("begin", "end"):
+            if k in scheduler and scheduler[k] is not None:
+                scheduler[k] = max(0, round(scheduler[k] * iters / old))
+        if scheduler.get("end") is not None and scheduler["end"] <= scheduler.get("begin", 0):
+            scheduler["end"] = scheduler.get("begin", 0) + 1
+    cfg.merge_from_dict(
+        {
+            "train_cfg.max_iters": iters,
+            "train_cfg.val_interval": iters,
+            "default_hooks.logger.interval": min(iters, 20),
+        }
+    )
+    checkpoint = cfg.get("default_hooks", {}).get("checkpoint")
+    if checkpoint is not None and checkpoint.get("interval") == old:
+        checkpoint["interval"] = iters
+
+
+def _method_cfg(ctx: Context, method: Method, lr: float, seed: int, tag: str) -> Config:
+    setting = ctx.setting
     if not method.is_patch and setting.finetune_cfg is not None:
         cfg = copy.deepcopy(setting.finetune_cfg)
-        if method.lr is not None:
-            cfg.optim_wrapper.optimizer.lr = method.lr
     else:
         cfg = method_config(setting.task_cfg, method)
+    cfg.optim_wrapper.optimizer.lr = lr
+    cfg.randomness = dict(cfg.get("randomness") or {}, seed=seed)
     cfg.load_from = setting.checkpoint
-    cfg.work_dir = str(out / "methods" / method.id)
+    apply_split(cfg, ctx.splits["task" if method.is_patch else "full_ft"])
+    cfg.work_dir = str(ctx.out / "methods" / method.id / tag)
     cfg.visualizer.name = f"mmdelta-benchmark-{method.id}-{uuid.uuid4().hex[:8]}"
     Path(cfg.work_dir).mkdir(parents=True, exist_ok=True)
     return cfg
 
 
-def _train(method: Method, cfg: Config, setting: Setting) -> dict:
+def _train(method: Method, cfg: Config) -> tuple[dict, torch.nn.Module]:
     start = time.perf_counter()
     with mmengine_checkpoints():
         runner = build_runner(cfg)
@@ -270,7 +549,7 @@ def _train(method: Method, cfg: Config, setting: Setting) -> dict:
         notes=list(method.notes),
         delta_patch=copy.deepcopy(method.delta_patch),
         lr=cfg.optim_wrapper.optimizer.lr,
-        iterations=cfg.train_cfg.max_iters,
+        iterations=cfg.train_cfg.get("max_iters"),
         train_seconds=seconds,
         work_dir=cfg.work_dir,
     )
@@ -290,6 +569,7 @@ def _train(method: Method, cfg: Config, setting: Setting) -> dict:
         path = Path(cfg.work_dir) / "full_ft.pth"
         meta = dict(dataset_meta=dict(runner.train_dataloader.dataset.metainfo))
         write_atomic(path, lambda tmp: torch.save(dict(state_dict=state, meta=meta), tmp))
+        del state
         params = sum(p.numel() for p in model.parameters())
         row.update(
             checkpoint=str(path),
@@ -299,48 +579,9 @@ def _train(method: Method, cfg: Config, setting: Setting) -> dict:
             delta_fraction=None,
             patch_fraction=1.0,
             stages=None,
-            _state=state,
         )
     row["patch_bytes"] = os.path.getsize(row["checkpoint"])
-    return row
-
-
-def _full_ft(method: Method, lrs, setting: Setting, out: Path, key: str, log):
-    """Full fine-tuning at each lr of ``lrs`` (None: the config's own); the best on the new
-    task is the ``full_ft`` row. Returns (row, its state dict, the sweep, its config file)."""
-    sweep, best = [], None
-    for lr in lrs:
-        variant = dataclasses.replace(method, lr=lr)
-        if len(lrs) > 1:
-            variant = dataclasses.replace(variant, id=f"full_ft_lr{lr:g}")
-        log(f"== {variant.id}: {method.label}" + (f" (lr {lr:g})" if lr is not None else ""))
-        cfg = _method_cfg(setting, variant, out)
-        config_file = str(Path(cfg.work_dir) / "config.py")
-        cfg.dump(config_file)
-        row = _train(variant, cfg, setting)
-        row.update(_score_full(cfg, row["checkpoint"], setting, key))
-        row["latency"] = None
-        log(f"   new task {row['new_task']:.3f}, base task {_fmt(row['base_task'])}")
-        sweep.append(
-            dict(
-                lr=row["lr"],
-                new_task=row["new_task"],
-                base_task=row["base_task"],
-                work_dir=row["work_dir"],
-            )
-        )
-        if best is None or row["new_task"] > best[0]["new_task"]:
-            if best is not None:
-                best[0].pop("_state")
-            best = (row, config_file)
-        else:
-            row.pop("_state")
-    row, config_file = best
-    state = row.pop("_state")
-    row["id"] = method.id
-    if len(lrs) > 1:
-        row["label"] = f"{method.label} (lr {row['lr']:g}, best of {len(lrs)})"
-    return row, state, sweep, config_file
+    return row, model
 
 
 def _score_patch(row, cfg, setting, exact_cfg, base_exact, key, base_model) -> dict:

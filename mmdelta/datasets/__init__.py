@@ -1,7 +1,9 @@
-"""Datasets: checks that a config's data is where it says, and generated data for tests."""
+"""Datasets: checks that a config's data is where it says, generated data for tests and a
+deterministic train / validation split of a training set (:class:`TrainValSplit`)."""
 
 from .images import IMAGE_SUFFIXES, NoImagesError, list_images
 from .paths import DatasetPathError, check_dataset_paths
+from .split import TrainValSplit, image_key, in_validation
 from .synthetic import (
     DatasetExistsError,
     class_shapes,
@@ -15,8 +17,11 @@ __all__ = [
     "DatasetExistsError",
     "DatasetPathError",
     "NoImagesError",
+    "TrainValSplit",
     "check_dataset_paths",
     "class_shapes",
+    "image_key",
+    "in_validation",
     "list_images",
     "seg_metainfo",
     "write_seg_dataset",
