@@ -433,3 +433,38 @@ def test_report_compares_patches_with_the_model_weights_and_draws_the_frontier(t
     again = rerender(tmp_path)
     assert (tmp_path / "frontier.png").is_file()
     assert json.loads((tmp_path / "benchmark.json").read_text())["methods"] == again["methods"]
+
+
+def test_presets_rule_picks_the_cheapest_row_near_full_fine_tuning():
+    from mmdelta.benchmark.report import presets
+
+    def row(id_, new, step, mem=0.5, merged=0.95, fraction=0.02, family="delta"):
+        return dict(
+            id=id_,
+            label=id_,
+            family=family,
+            new_task=new,
+            step_time_ratio=step,
+            peak_memory_ratio=mem,
+            step_seconds=step,
+            delta_fraction=fraction,
+            delta_patch={},
+            latency=dict(merged_ratio=merged),
+        )
+
+    rows = [
+        row("full_ft", 0.93, 1.0, 1.0, family="full_ft"),
+        row("delta", 0.92, 0.84),
+        row("delta_fast", 0.915, 0.45, merged=None),
+        row("delta_rank4", 0.80, 0.40),  # cheapest, but 13 points below
+    ]
+    chosen = presets(rows)
+    assert chosen["accurate"]["id"] == "delta"  # mergeable, best within the Δ budget
+    assert chosen["fast"]["id"] == "delta_fast"
+    assert "full fine-tuning" in chosen["fast"]["rule"]
+    # nothing within 0.02 of full fine-tuning: the rule falls back to the best Δ row
+    rows[1]["new_task"], rows[2]["new_task"] = 0.85, 0.84
+    chosen = presets(rows)
+    assert chosen["fast"]["id"] == "delta_fast" and "best Δ row" in chosen["fast"]["rule"]
+    rows[2]["new_task"] = 0.70
+    assert presets(rows)["fast"]["id"] == "delta"

@@ -86,6 +86,7 @@ TOP_FIELDS = (
     "paint",
     "targets",
     "recommended",
+    "presets",
 )
 #: (key, what, target, comparison). Accurate default = the row 'delta', fast = 'delta_fast'
 #: (when benchmarked); full fine-tuning is val-tuned like every method.
@@ -181,6 +182,7 @@ def assemble(setting, base, rows, costs, paint, date, seconds) -> dict:
     )
     report["targets"] = targets(report)
     report["recommended"] = recommend(rows)
+    report["presets"] = presets(rows)
     return report
 
 
@@ -256,12 +258,49 @@ def recommend(rows: list[dict], max_delta_fraction: float = 0.03) -> dict | None
     )
 
 
+#: new-task metric a fast preset may give up against full fine-tuning (as a fraction)
+FAST_TOLERANCE = 0.02
+
+
+def presets(rows: list[dict], tolerance: float = FAST_TOLERANCE) -> dict:
+    """Which row each named preset stands for, by a written rule.
+
+    ``accurate``: :func:`recommend` (the best new-task metric among mergeable Δ rows within
+    the Δ budget). ``fast``: among the Δ rows whose new-task metric is within ``tolerance``
+    of full fine-tuning's (the validation-tuned one), the lowest training step time (ties:
+    the lower peak memory); where none is, the same among the rows within ``tolerance`` of
+    the best Δ row."""
+    deltas = [r for r in rows if r["family"] == "delta" and r.get("step_time_ratio") is not None]
+    full = next((r for r in rows if r["family"] == "full_ft"), None)
+    rec = recommend(rows)
+    out = dict(
+        accurate=dict(id=rec["id"], rule=rec["rule"]) if rec else None,
+        fast=None,
+    )
+    if not deltas:
+        return out
+    reference, against = (
+        (full["new_task"], "full fine-tuning")
+        if full is not None and any(r["new_task"] >= full["new_task"] - tolerance for r in deltas)
+        else (max(r["new_task"] for r in deltas), "the best Δ row")
+    )
+    near = [r for r in deltas if r["new_task"] >= reference - tolerance]
+    near.sort(key=lambda r: (r["step_time_ratio"], r.get("peak_memory_ratio") or float("inf")))
+    out["fast"] = dict(
+        id=near[0]["id"],
+        rule=f"lowest step time among the Δ rows within {tolerance:.2f} of {against}'s "
+        "new-task metric (ties: lower peak memory)",
+    )
+    return out
+
+
 def rerender(out: str | os.PathLike) -> dict:
     """Recomputes targets and recommendation of ``out/benchmark.json`` and rewrites its
     markdown and plot (after a change to the report code; no training)."""
     report = json.loads((Path(out) / "benchmark.json").read_text())
     report["targets"] = targets(report)
     report["recommended"] = recommend(report["methods"])
+    report["presets"] = presets(report["methods"])
     write_outputs(report, out)
     return report
 
@@ -483,6 +522,9 @@ def render_markdown(report: dict) -> str:
             f"within 1 % of it: {', '.join(rec['close']) or 'none'}; outside the budget: "
             f"{', '.join(rec['excluded']) or 'none'}.",
         ]
+    for name, chosen in (report.get("presets") or {}).items():
+        if chosen:
+            lines.append(f"\nPreset `{name}` ({chosen['rule']}): `{chosen['id']}`.")
     lines += ["", "![trade-off](tradeoff.png)", "", "![frontier](frontier.png)", ""]
     return "\n".join(lines)
 
