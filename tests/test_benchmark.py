@@ -50,13 +50,15 @@ def test_tiny_benchmark_writes_every_field_plot_and_keeps_the_base_exact(tmp_pat
         "--base-dir",
         tmp_path / "base",
         "--methods",
-        "head_only,delta",
+        "delta,delta_fast",
         "--ft-lr",
         "1e-4,3e-4",
         "--lr-scales",
         "1,3",
         "--seeds",
         "2",
+        "--top-rows",
+        "full_ft,delta_fast",
         "--val-fraction",
         "0.25",
         "--equal-time-cap",
@@ -82,7 +84,7 @@ def test_tiny_benchmark_writes_every_field_plot_and_keeps_the_base_exact(tmp_pat
     report = json.loads((out / "benchmark.json").read_text())
     assert set(TOP_FIELDS) <= set(report), set(TOP_FIELDS) - set(report)
     ids = [r["id"] for r in report["methods"]]
-    assert ids == ["full_ft", "head_only", "delta"]
+    assert ids == ["full_ft", "delta", "delta_fast"]
     setting = report["setting"]
     ckpt = setting["checkpoint_bytes"]
     assert ckpt == os.path.getsize(setting["checkpoint"])
@@ -102,7 +104,7 @@ def test_tiny_benchmark_writes_every_field_plot_and_keeps_the_base_exact(tmp_pat
     test_ids = (tmp_path / "data/det_shifted_tiny/shapes/ImageSets/Main/test.txt").read_text()
     assert not {Path(p).stem for p in val_paths} & set(test_ids.split())
     assert setting["ft_lr_grid"] == [1e-4, 3e-4] and setting["lr_scales"] == [1.0, 3.0]
-    assert setting["top_rows"] == ["full_ft", "delta"]
+    assert setting["top_rows"] == ["full_ft", "delta_fast"]
     for row in report["methods"]:
         assert set(METHOD_FIELDS) <= set(row), (row["id"], set(METHOD_FIELDS) - set(row))
         assert 0 <= row["new_task"] <= 1 and 0 <= row["base_task"] <= 1
@@ -121,13 +123,14 @@ def test_tiny_benchmark_writes_every_field_plot_and_keeps_the_base_exact(tmp_pat
         assert row["work_dir"] == best["work_dir"] and row["config"].startswith(row["work_dir"])
         # seeds: the top rows twice at the chosen lr (seed 0 = the sweep's run), others once
         seeds = row["seeds"]
-        assert [p["seed"] for p in seeds] == ([0, 1] if row["id"] in ("full_ft", "delta") else [0])
+        top = row["id"] in ("full_ft", "delta_fast")
+        assert [p["seed"] for p in seeds] == ([0, 1] if top else [0])
         assert all(p["lr"] == row["lr"] for p in seeds) and seeds[0]["work_dir"] == row["work_dir"]
         values = [p["new_task"] for p in seeds]
         assert row["new_task"] == pytest.approx(sum(values) / len(values))
         assert (row["new_task_min"], row["new_task_max"]) == (min(values), max(values))
         eq = row["equal_time"]
-        if row["id"] in ("full_ft", "delta"):
+        if top:
             assert 1 <= eq["iterations"] <= 4 and 0 <= eq["new_task"] <= 1
             assert row["new_task_equal_time"] == eq["new_task"]
             if eq["reused"]:
@@ -144,10 +147,14 @@ def test_tiny_benchmark_writes_every_field_plot_and_keeps_the_base_exact(tmp_pat
             assert row["base_identical"] is True, row["first_difference"]
             assert row["retention"] == 1.0 and row["exactness_checked_on"] == "base task"
             assert set(LATENCY_FIELDS) == set(row["latency"])
-            assert row["latency"]["unmerged_ratio"] > 0 and row["latency"]["merged_ratio"] > 0
+            assert row["latency"]["unmerged_ratio"] > 0
+            # the fast preset's side network does not merge: it serves unmerged
+            assert (row["latency"]["merged_ratio"] is None) == (row["id"] == "delta_fast")
             assert 0 < row["patch_fraction"] < 0.2
     by_id = {r["id"]: r for r in report["methods"]}
-    assert by_id["head_only"]["delta_params"] == 0 and by_id["head_only"]["owned_params"] > 0
+    fast = by_id["delta_fast"]
+    assert fast["delta_patch"]["preset"] == "fast" and fast["owned_params"] == 0
+    assert fast["stages"]["backbone"]["layers"] == 1  # one side network, nothing inside
     assert by_id["delta"]["delta_patch"]["targets"][0] == "backbone"
     # every training config trains on the fit part and validates on the val part
     trained = Config.fromfile(by_id["delta"]["config"])

@@ -50,6 +50,8 @@ def test_default_patch_and_resolved_cfg():
         classes=None,
         base_classes=None,
         class_map={},
+        side=None,
+        preset=None,
     )
     assert active_patch(model) == "default"
     assert "backbone.0.delta.default.up" in model.state_dict()
