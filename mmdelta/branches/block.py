@@ -33,10 +33,10 @@ def _input_channels(block: nn.Module, who: str = "BlockDelta") -> int:
     )
 
 
-def _probe(block: nn.Module, c_in: int) -> torch.Tensor:
-    """The block's own class forward on zeros ``(1, c_in, 32, 32)`` in eval mode, without
-    gradients; every submodule's mode and every buffer (running statistics) is left exactly
-    as it was."""
+def _probe(block: nn.Module, c_in: int, size: int = _PROBE_SIZE):
+    """The block's own class forward on zeros ``(1, c_in, size, size)`` in eval mode,
+    without gradients; every submodule's mode and every buffer (running statistics) is left
+    exactly as it was."""
     param = next(block.parameters(), None)
     factory = (
         dict(device=param.device, dtype=param.dtype)
@@ -49,9 +49,7 @@ def _probe(block: nn.Module, c_in: int) -> torch.Tensor:
         for module, _ in modes:
             module.training = False  # not .eval(): a block may override train()
         with torch.no_grad():
-            return type(block).forward(
-                block, torch.zeros(1, c_in, _PROBE_SIZE, _PROBE_SIZE, **factory)
-            )
+            return type(block).forward(block, torch.zeros(1, c_in, size, size, **factory))
     finally:
         for module, mode in modes:
             module.training = mode

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..registry import DELTA_BRANCHES
 from .base import DeltaBranch
-from .block import _input_channels
+from .block import _input_channels, _probe
 
 #: side of the square zeros input of the geometry dry run (stride 32 still leaves 4×4)
 _PROBE_SIZE = 128
@@ -42,32 +42,6 @@ def _like(output, features: list[torch.Tensor]):
     if isinstance(output, Mapping):
         return type(output)(zip(output.keys(), features, strict=True))
     return type(output)(features) if isinstance(output, tuple | list) else features
-
-
-def _probe(backbone: nn.Module, c_in: int) -> list[torch.Size]:
-    """Output shapes of the backbone's own class forward on zeros ``(1, c_in, 128, 128)``, in
-    eval mode and without gradients; every submodule's mode and every buffer is restored."""
-    param = next(backbone.parameters(), None)
-    factory = (
-        dict(device=param.device, dtype=param.dtype)
-        if param is not None and param.is_floating_point()
-        else {}
-    )
-    modes = [(m, m.training) for m in backbone.modules()]
-    buffers = [(b, b.clone()) for b in backbone.buffers()]
-    try:
-        for module, _ in modes:
-            module.training = False  # not .eval(): backbones override train()
-        with torch.no_grad():
-            zeros = torch.zeros(1, c_in, _PROBE_SIZE, _PROBE_SIZE, **factory)
-            return [f.shape for f in _features(type(backbone).forward(backbone, zeros))]
-    finally:
-        for module, mode in modes:
-            module.training = mode
-        with torch.no_grad():
-            for buffer, saved in buffers:
-                if not torch.equal(buffer, saved):
-                    buffer.copy_(saved)
 
 
 def _conv(c_out: int, c_in: int, k: int, factory: dict, zero: bool = False) -> nn.Parameter:
@@ -132,7 +106,7 @@ class SideDelta(DeltaBranch):
         self.width, self.image, self.groups = int(width), image, int(groups)
         c_img = _input_channels(layer, "SideDelta")
         try:
-            shapes = _probe(layer, c_img)
+            shapes = [f.shape for f in _features(_probe(layer, c_img, _PROBE_SIZE))]
         except Exception as err:  # whatever a non-backbone raises on an image
             raise TypeError(
                 f"SideDelta: {type(layer).__name__} cannot run on an image (1, {c_img}, "
