@@ -5,10 +5,13 @@ inactive the model is the base model bit for bit.
 """
 
 from .branches import (
+    AdditiveDelta,
     BlockDelta,
     DeltaBranch,
+    FoldingDelta,
     LowRankDelta,
     PatchOwned,
+    PatchPart,
     ScaleShiftDelta,
     SideDelta,
 )
@@ -36,14 +39,17 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DELTA_BRANCHES",
+    "AdditiveDelta",
     "BlockDelta",
     "DeltaBranch",
     "DeltaPatchConfigError",
     "DeltaPatchHook",
     "DeltaRunner",
+    "FoldingDelta",
     "LowRankDelta",
     "PatchFileError",
     "PatchOwned",
+    "PatchPart",
     "PatchSummary",
     "ScaleShiftDelta",
     "SideDelta",

@@ -39,6 +39,7 @@ from mmdelta import (
 from mmdelta.exactness import identical, tensor_outputs
 from mmdelta.patching.classes import CLASS_COUNT_ATTRS
 from mmdelta.patching.config import ALLOWED_KEYS
+from mmdelta.patching.state import patch_configs
 from mmdelta.patching.targets import base_modules
 
 MODEL = "retinanet_r18_fpn"
@@ -316,7 +317,7 @@ def _check(world, which: str, cfg, key=None) -> str:
             assert torch.equal(state[key], tensor), f"{key} changed"
         out = tensor_outputs(model, world["batch"])
         assert all(bool(torch.isfinite(t).all()) for t in out), "non-finite outputs"
-        classes = model.__dict__["_mmdelta_patches"][name]["classes"]
+        classes = patch_configs(model)[name]["classes"]
         if classes is None:  # every Δ is zero and every owned copy is exact: the base
             assert identical(out, world["base_out"]), "a fresh patch changed the outputs"
         else:

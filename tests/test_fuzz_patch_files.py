@@ -86,7 +86,7 @@ def _state(model):
         patches=patch_names(model),
         active=active_patch(model),
         grad={n: p.requires_grad for n, p in model.named_parameters()},
-        attrs=sorted(k for k in vars(model) if k != "_mmdelta_fingerprint"),  # a cache
+        attrs=sorted(vars(model)),
         heads={
             (path, attr): getattr(m, attr)
             for path, m in base_modules(model)

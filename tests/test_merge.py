@@ -107,7 +107,7 @@ def assert_plain(merged: nn.Module) -> None:
     for path, module in merged.named_modules():
         assert "delta" not in module._modules, f"{path} still has a delta child"
         assert not type(module).__module__.startswith("mmdelta"), (path, type(module))
-        leftovers = [a for a in module.__dict__ if a.startswith("_mmdelta_")]
+        leftovers = [a for a in module.__dict__ if a.startswith("_mmdelta")]
         assert not leftovers, f"{path or 'model'} keeps {leftovers}"
         assert "forward" not in module.__dict__, f"{path} keeps an instance-level forward"
         assert "train" not in module.__dict__, f"{path} keeps an instance-level train"

@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 from mmdelta import (
     PatchFileError,
+    active_patch,
     apply_delta_patch,
     delta_disabled,
     load_patch,
@@ -39,7 +40,7 @@ def snapshot(model):
         {k: v.clone() for k, v in model.state_dict().items()},
         [name for name, _ in model.named_modules()],
         patch_names(model),
-        model.__dict__.get("_mmdelta_active"),
+        active_patch(model),
     )
 
 
@@ -49,7 +50,7 @@ def assert_same(before, model):
     assert list(now) == list(state)
     assert all(torch.equal(now[k], v) for k, v in state.items())
     assert [name for name, _ in model.named_modules()] == modules
-    assert patch_names(model) == names and model.__dict__.get("_mmdelta_active") == active
+    assert patch_names(model) == names and active_patch(model) == active
 
 
 @pytest.fixture(scope="module")
@@ -301,7 +302,7 @@ def test_same_name_with_another_cfg_is_refused(trained, tmp_path):
         load_patch(model, trained["path"])
     assert_same(before, model)
     load_patch(model, trained["path"], name="voc2", activate=False)
-    assert patch_names(model) == ["voc", "voc2"] and model.__dict__["_mmdelta_active"] == "voc"
+    assert patch_names(model) == ["voc", "voc2"] and active_patch(model) == "voc"
 
 
 def test_base_fingerprint_is_cached_until_a_base_tensor_changes(trained):

@@ -1,10 +1,18 @@
-"""The contract every Δ branch type fulfils."""
+"""The kinds of part a patch adds to a layer, and the helpers they share.
+
+:class:`PatchPart` (what a slot holds) ├─ :class:`DeltaBranch` (a registered Δ type)
+├─ :class:`AdditiveDelta` / :class:`FoldingDelta`; patch-owned copies are
+:class:`~mmdelta.branches.owned.PatchOwned`.
+"""
 
 from collections.abc import Callable
 from itertools import chain
 
 import torch
 from torch import nn
+
+#: the layer types (and their subclasses) Δ branches patch by default and heads end in
+PATCHABLE_LAYERS = (nn.Conv2d, nn.Linear)
 
 
 class LayerTooSmall(Exception):
@@ -62,26 +70,20 @@ def call_with_tensors(
             store[attr] = original
 
 
-class DeltaBranch(nn.Module):
-    """What a patch adds to one frozen layer ``f`` (``f`` keeps its own parameters).
+class PatchPart(nn.Module):
+    """What a patch holds for one layer of the base: the contract a
+    :class:`~mmdelta.patching.slot.DeltaSlot` relies on.
 
-    While its patch is active the patched layer's forward is :meth:`patched_forward`; while
-    it is inactive the layer runs its own class forward and the branch is not evaluated.
+    While its patch is active the layer's forward is :meth:`patched_forward`; while it is
+    inactive the layer runs its own class forward and the part is not evaluated. A part
+    never writes the frozen layer's parameters or buffers.
 
-    Invariants of every branch type:
-
-    * at construction the patched forward computes exactly the base function (the default
-      additive form returns ``f(x) + Δ(x)`` with ``Δ ≡ 0``);
-    * the branch never writes the frozen layer's parameters or buffers;
-    * parameters are plain ``nn.Parameter`` attributes (no ``nn.Conv2d``/``nn.Linear``
-      children), so OpenMMLab ``init_cfg`` initialisers that select layers by class name
-      (e.g. FPN's ``Xavier(layer='Conv2d')``) never re-initialise them.
-
-    Subclasses implement :meth:`forward` (``Δ(x)``, additive branches) or override
-    :meth:`patched_forward`; mergeable ones implement :meth:`merged_tensors`.
+    The kinds: :class:`AdditiveDelta` (``f(x) + Δ(x)``), :class:`FoldingDelta` (``f`` with
+    Δ folded into its tensors) and :class:`~mmdelta.branches.PatchOwned` (the patch's own
+    copy of the layer's tensors).
     """
 
-    #: whether :meth:`merged_tensors` folds the branch into the layer's own tensors.
+    #: whether :meth:`merged_tensors` folds the part into the layer's own tensors.
     mergeable = False
 
     def __init__(self, layer: nn.Module):
@@ -91,13 +93,60 @@ class DeltaBranch(nn.Module):
 
     @classmethod
     def supports(cls, layer: nn.Module) -> bool:
-        """Whether this branch type can be attached to ``layer`` (used to expand targets)."""
-        return isinstance(layer, (nn.Conv2d, nn.Linear))
+        """Whether this part type can be attached to ``layer`` (used to expand targets)."""
+        raise NotImplementedError
 
     def patched_forward(
         self, layer: nn.Module, base_forward: Callable, args: tuple, kwargs: dict
     ) -> torch.Tensor:
-        """The patched layer's output. Default: ``f(x) + Δ(x)`` for the first input ``x``."""
+        """The patched layer's output for inputs ``args`` / ``kwargs``; ``base_forward`` is
+        the layer's own class forward."""
+        raise NotImplementedError
+
+    def merged_tensors(self, layer: nn.Module) -> dict[str, torch.Tensor]:
+        """New values for some of ``layer``'s parameters/buffers (name -> tensor) such that the
+        plain layer holding them computes what the patched layer computes (up to rounding).
+        Returns new tensors; never modifies the layer."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be folded into its layer")
+
+    def clear_cache(self) -> None:
+        """Drops anything cached for inference (called when the active patch changes)."""
+        self.__dict__.pop("_folded", None)
+
+    def __getstate__(self) -> dict:
+        state = dict(super().__getstate__())
+        state.pop("_folded", None)  # keyed on tensor ids: meaningless in a copy
+        return state
+
+
+class DeltaBranch(PatchPart):
+    """A Δ on one frozen layer ``f`` (``f`` keeps its own parameters): the types
+    ``delta_patch.branch=dict(type=...)`` selects from ``DELTA_BRANCHES``.
+
+    Invariants of every branch type:
+
+    * at construction the patched forward computes exactly the base function (``Δ ≡ 0``);
+    * the branch never writes the frozen layer's parameters or buffers;
+    * parameters are plain ``nn.Parameter`` attributes (no ``nn.Conv2d``/``nn.Linear``
+      children), so OpenMMLab ``init_cfg`` initialisers that select layers by class name
+      (e.g. FPN's ``Xavier(layer='Conv2d')``) never re-initialise them.
+
+    A branch type is one of two kinds (or both, choosing per call: ``LowRankDelta``):
+    :class:`AdditiveDelta` or :class:`FoldingDelta`.
+    """
+
+    @classmethod
+    def supports(cls, layer: nn.Module) -> bool:
+        return isinstance(layer, PATCHABLE_LAYERS)
+
+
+class AdditiveDelta(DeltaBranch):
+    """A branch whose patched layer returns ``f(x) + Δ(x)``: :meth:`forward` is ``Δ`` of the
+    layer's first input, with exactly the layer's output shape."""
+
+    def patched_forward(
+        self, layer: nn.Module, base_forward: Callable, args: tuple, kwargs: dict
+    ) -> torch.Tensor:
         output = base_forward(*args, **kwargs)
         delta = self(args[0])
         if delta.shape != output.shape:
@@ -108,40 +157,43 @@ class DeltaBranch(nn.Module):
             )
         return output + delta
 
-    def merged_tensors(self, layer: nn.Module) -> dict[str, torch.Tensor]:
-        """New values for some of ``layer``'s parameters/buffers (name -> tensor) such that the
-        plain layer holding them computes what the patched layer computes (up to rounding).
-        Returns new tensors; never modifies the layer."""
-        raise NotImplementedError(f"{type(self).__name__} cannot be folded into its layer")
 
-    def folded_forward(
-        self,
-        layer: nn.Module,
-        fold: Callable[[nn.Module], dict[str, torch.Tensor]],
-        args: tuple,
-        kwargs: dict,
+class FoldingDelta(DeltaBranch):
+    """A branch folded into the layer's own tensors: the patched layer is the layer's own
+    class forward computed with :meth:`tensors` (e.g. ``W + ΔW``) in place of its
+    parameters. One computation serves the forward (differentiable), the inference cache and
+    the merge, so a merged layer computes what the patched one computes."""
+
+    mergeable = True
+
+    def tensors(self, layer: nn.Module) -> dict[str, torch.Tensor]:
+        """Layer state-dict name -> the value with Δ folded in (differentiable in Δ)."""
+        raise NotImplementedError
+
+    def patched_forward(
+        self, layer: nn.Module, base_forward: Callable, args: tuple, kwargs: dict
     ) -> torch.Tensor:
-        """The layer's own forward computed with ``fold(layer)`` (its tensors with this branch
-        folded in): recomputed on every call while gradients may be needed, folded once and
-        cached for inference (eval mode under ``torch.no_grad()``)."""
+        """The layer's own forward computed with :meth:`tensors`: recomputed on every call
+        while gradients may be needed, folded once and cached for inference (eval mode
+        under ``torch.no_grad()``)."""
         if self.training or torch.is_grad_enabled():
-            tensors = fold(layer)
+            tensors = self.tensors(layer)
         else:
-            tensors = self.cached_fold(layer, lambda: fold(layer))
+            tensors = self._cached_tensors(layer)
         return call_with_tensors(layer, tensors, args, kwargs)
 
-    def cached_fold(self, layer: nn.Module, fold: Callable[[], dict]) -> dict:
-        """``fold()`` (the layer's tensors with this branch folded in), computed once and
-        reused until a parameter of the branch or the layer changes (tensor versions)."""
+    def merged_tensors(self, layer: nn.Module) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return self.tensors(layer)
+
+    def _cached_tensors(self, layer: nn.Module) -> dict:
+        """:meth:`tensors`, computed once and reused until a parameter of the branch or the
+        layer changes (tensor versions)."""
         own = chain(self._parameters.values(), layer._parameters.values())
         key = tuple((id(t), t._version) for t in own if t is not None)
         cached = self.__dict__.get("_folded")
         if cached is None or cached[0] != key:
             with torch.no_grad():
-                cached = (key, fold())
+                cached = (key, self.tensors(layer))
             self.__dict__["_folded"] = cached
         return cached[1]
-
-    def clear_cache(self) -> None:
-        """Drops anything cached for inference (called when the active patch changes)."""
-        self.__dict__.pop("_folded", None)

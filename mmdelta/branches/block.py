@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import DELTA_BRANCHES
-from .base import DeltaBranch
+from .base import AdditiveDelta
 
 #: class names (anywhere in the MRO) of the residual blocks this branch patches
 BLOCK_CLASS_NAMES = frozenset({"BasicBlock", "Bottleneck", "ConvNeXtBlock"})
@@ -60,7 +60,7 @@ def _probe(block: nn.Module, c_in: int, size: int = _PROBE_SIZE):
 
 
 @DELTA_BRANCHES.register_module()
-class BlockDelta(DeltaBranch):
+class BlockDelta(AdditiveDelta):
     r"""Zero-initialised Δ network in parallel with a whole residual block.
 
     ``Δ(x) = up(GELU(down(x)))`` where ``down`` is a ``3×3`` conv ``C_in → width`` with the
@@ -68,7 +68,7 @@ class BlockDelta(DeltaBranch):
     have a bias. ``up`` (weight and bias) is zero at initialisation, so ``Δ ≡ 0`` and the
     patched block computes exactly the base block; ``down`` is Kaiming-uniform like a fresh
     conv, with a zero bias. The patched block returns ``block(x) + Δ(x)`` (the default
-    additive :meth:`~DeltaBranch.patched_forward`). Parameters:
+    additive :meth:`~AdditiveDelta.patched_forward`). Parameters:
     ``width·(9·C_in + 1) + C_out·(width + 1)``.
 
     Supported: residual blocks, recognised by a class named ``BasicBlock``, ``Bottleneck``
@@ -88,8 +88,6 @@ class BlockDelta(DeltaBranch):
         layer: the frozen residual block.
         width: number of hidden channels of the Δ network.
     """
-
-    mergeable = False
 
     def __init__(self, layer: nn.Module, width: int = 16):
         super().__init__(layer)

@@ -8,11 +8,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import DELTA_BRANCHES
-from .base import DeltaBranch, LayerTooSmall
+from .base import AdditiveDelta, FoldingDelta, LayerTooSmall
 
 
 @DELTA_BRANCHES.register_module()
-class LowRankDelta(DeltaBranch):
+class LowRankDelta(AdditiveDelta, FoldingDelta):
     r"""Zero-initialised low-rank Δ: ``Δ(x) = s · up(down(x))`` with ``s = alpha / rank``.
 
     For a frozen conv ``f(x) = W ⋆ x`` with ``W: (C_out, C_in/g, k_h, k_w)`` and ``g`` groups:
@@ -56,8 +56,6 @@ class LowRankDelta(DeltaBranch):
         rank: requested rank ``r`` (per group for grouped convs, see above).
         alpha: scale numerator; ``None`` means ``alpha = rank`` (scale 1).
     """
-
-    mergeable = True
 
     def __init__(
         self, layer: nn.Module, rank: int = 8, alpha: float | None = None, compute: str = "auto"
@@ -152,17 +150,15 @@ class LowRankDelta(DeltaBranch):
         return F.conv2d(h, up, None, 1, 0, 1, self.groups)
 
     def patched_forward(self, layer, base_forward, args, kwargs):
+        """Branch form (additive) or weight form (folding), as ``compute`` says."""
         inference = not (self.training or torch.is_grad_enabled())
         if self.compute == "branch" or (self.compute == "auto" and not inference):
-            return super().patched_forward(layer, base_forward, args, kwargs)
-        return self.folded_forward(layer, self._fold, args, kwargs)
+            return AdditiveDelta.patched_forward(self, layer, base_forward, args, kwargs)
+        return FoldingDelta.patched_forward(self, layer, base_forward, args, kwargs)
 
-    def _fold(self, layer: nn.Module) -> dict[str, torch.Tensor]:
+    def tensors(self, layer: nn.Module) -> dict[str, torch.Tensor]:
+        """``W + ΔW``: the weight form, shared by the forward, the cache and the merge."""
         return {"weight": layer.weight + self.delta_weight().to(layer.weight.dtype)}
-
-    def merged_tensors(self, layer: nn.Module) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            return self._fold(layer)
 
     def delta_weight(self) -> torch.Tensor:
         if self.form == "linear":

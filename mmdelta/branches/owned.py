@@ -5,7 +5,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .base import DeltaBranch, call_with_tensors
+from .base import PatchPart, call_with_tensors
 
 #: owned tensor ``name`` is held as ``own_<name>`` with ``.`` written as ``__``: no attribute
 #: is called ``weight``/``bias``, so OpenMMLab initialisers (which re-initialise any module
@@ -33,7 +33,7 @@ def tracks_running_stats(layer: nn.Module) -> bool:
     return buffers.get("running_mean") is not None or buffers.get("running_var") is not None
 
 
-class PatchOwned(DeltaBranch):
+class PatchOwned(PatchPart):
     """The patch's own copy of a layer's parameters and buffers, initialised from the base's.
 
     While its patch is active the layer's own class forward runs with these tensors in

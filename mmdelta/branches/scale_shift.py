@@ -5,7 +5,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..registry import DELTA_BRANCHES
-from .base import DeltaBranch
+from .base import FoldingDelta
 
 #: layer types whose ``weight`` has the output channels along dim 0 and whose output is
 #: linear in (weight, bias) per output channel.
@@ -18,7 +18,7 @@ def _along_dim0(vector: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 @DELTA_BRANCHES.register_module()
-class ScaleShiftDelta(DeltaBranch):
+class ScaleShiftDelta(FoldingDelta):
     r"""Zero-initialised per-output-channel scale and shift, applied in weight space.
 
     For a frozen layer with weight ``W`` (output channels along dim 0) and bias ``b`` the
@@ -55,8 +55,6 @@ class ScaleShiftDelta(DeltaBranch):
         layer: the frozen layer (see above).
     """
 
-    mergeable = True
-
     def __init__(self, layer: nn.Module):
         super().__init__(layer)
         if not self.supports(layer):
@@ -80,7 +78,7 @@ class ScaleShiftDelta(DeltaBranch):
     def supports(cls, layer: nn.Module) -> bool:
         return isinstance(layer, _SUPPORTED) and getattr(layer, "weight", None) is not None
 
-    def _tensors(self, layer: nn.Module) -> dict[str, torch.Tensor]:
+    def tensors(self, layer: nn.Module) -> dict[str, torch.Tensor]:
         """``W'`` and ``b'``: the one computation shared by the forward and the merge."""
         weight, bias = layer.weight, getattr(layer, "bias", None)
         factor = 1 + self.gamma
@@ -91,18 +89,6 @@ class ScaleShiftDelta(DeltaBranch):
                 scaled = scaled + _along_dim0(self.beta, bias)
             tensors["bias"] = scaled
         return tensors
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError(
-            "ScaleShiftDelta is not additive; the patched layer calls patched_forward"
-        )
-
-    def patched_forward(self, layer, base_forward, args, kwargs):
-        return self.folded_forward(layer, self._tensors, args, kwargs)
-
-    def merged_tensors(self, layer: nn.Module) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            return self._tensors(layer)
 
     def extra_repr(self) -> str:
         return f"form={self.form}, channels={self.channels}"

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import DELTA_BRANCHES
-from .base import DeltaBranch
+from .base import AdditiveDelta
 from .block import _input_channels, _probe
 
 #: side of the square zeros input of the geometry dry run (stride 32 still leaves 4×4)
@@ -54,7 +54,7 @@ def _conv(c_out: int, c_in: int, k: int, factory: dict, zero: bool = False) -> n
 
 
 @DELTA_BRANCHES.register_module()
-class SideDelta(DeltaBranch):
+class SideDelta(AdditiveDelta):
     r"""A zero-initialised side network beside a frozen backbone (ladder side-tuning).
 
     The backbone maps an image ``x: (N, C_img, H, W)`` to features ``f_i: (N, C_i, H/s_i,
@@ -90,8 +90,6 @@ class SideDelta(DeltaBranch):
         image: whether the side network also reads the image (its own stem).
         groups: GroupNorm groups (must divide ``width``).
     """
-
-    mergeable = False
 
     def __init__(self, layer: nn.Module, width: int = 64, image: bool = True, groups: int = 8):
         super().__init__(layer)

@@ -10,9 +10,8 @@ from torch import nn
 from ..branches import LayerTooSmall, PatchOwned
 from .classes import ClassChange, base_class_names, default_head_layers, plan_class_change
 from .config import DeltaPatchConfigError, branch_type, resolve_config
-from .freeze import install_train_guard
 from .slot import slot_of
-from .state import active_patch, delta_disabled, patch_configs, record_patch, set_active_patch
+from .state import active_patch, delta_disabled, patch_configs, patch_state
 from .summary import PatchSummary, count_base_params, describe_layer
 from .targets import norm_layers, resolve_owned, resolve_targets
 
@@ -63,78 +62,11 @@ def _build_patch(model: nn.Module, cfg: Mapping | None, name: str | None) -> Bui
             f"delta_patch.name (it carries {list(patch_configs(model))})"
         )
     built = BuiltPatch(name=name, cfg=resolved)
-
-    # 1. patch-owned modules (a new class set implies its heads' final layers)
-    trainable = list(resolved["trainable"])
-    if resolved["classes"] is not None:
-        built.classes = plan_class_change(
-            model, resolved["classes"], resolved["base_classes"], resolved["class_map"]
-        )
-        trainable = trainable or default_head_layers(model, built.classes)
-        matched = len(built.classes.matched)
-        print_log(
-            f"mmdelta patch {name!r}: {len(resolved['classes'])} classes, {matched} start from "
-            "the base's rows for the same class"
-            + (
-                ""
-                if resolved["base_classes"] or matched or base_class_names(model)
-                else " (the base's class names are unknown: set delta_patch.base_classes)"
-            ),
-            logger="current",
-        )
-    owned = resolve_owned(model, trainable) if trainable else []
-    owned_paths = {path for path, _ in owned}
-    if built.classes is not None:
-        missing = sorted(set(built.classes.rows) - owned_paths)
-        if missing:
-            raise DeltaPatchConfigError(
-                f"delta_patch.classes changes the output size of {missing}, so the patch must "
-                f"own them: add them to delta_patch.trainable (it is {resolved['trainable']})"
-            )
-    rows = built.classes.rows if built.classes is not None else {}
-    for path, layer in owned:
-        built.branches.append((path, layer, PatchOwned(layer, rows=rows.get(path))))
-
-    # 2. task-specific normalisation
-    if resolved["task_norm"] is not None:
-        norms = norm_layers(model, resolved["targets"], resolved["exclude"], owned_paths)
-        if not norms:
-            raise DeltaPatchConfigError(
-                f"delta_patch.task_norm is set but targets {resolved['targets']} (exclude "
-                f"{resolved['exclude']}) contain no normalisation layer"
-            )
-        update = resolved["task_norm"] == "stats"
-        for path, layer in norms:
-            built.branches.append((path, layer, PatchOwned(layer, update_stats=update)))
-
-    # 3. Δ branches
-    skipped, unsupported, delta_layers = [], [], []
-    if resolved["branch"] is not None:
-        branch_cfg = dict(resolved["branch"])
-        branch_cls = branch_type(branch_cfg.pop("type"))
-        reserved = owned_paths | {p for p, _, _ in built.branches}
-        placement = resolve_targets(
-            model, resolved["targets"], resolved["exclude"], branch_cls.supports, reserved
-        )
-        unsupported = placement.unsupported
-        for path, layer in placement.layers:
-            try:
-                branch = branch_cls(layer, **branch_cfg)
-            except LayerTooSmall as err:
-                skipped.append((path, str(err)))
-                continue
-            except (TypeError, ValueError, RuntimeError, MemoryError) as err:
-                # RuntimeError / MemoryError: options that ask for more memory than there is
-                raise DeltaPatchConfigError(
-                    f"delta_patch.branch={resolved['branch']} on {path}: {err}"
-                ) from err
-            delta_layers.append((path, layer, branch))
-        if not delta_layers:
-            raise DeltaPatchConfigError(
-                f"delta_patch: nothing to patch: targets {resolved['targets']} (exclude "
-                f"{resolved['exclude']}) contain no layer {resolved['branch']['type']} supports"
-                + (f" large enough (skipped: {[p for p, _ in skipped]})" if skipped else "")
-            )
+    built.classes = _plan_classes(model, resolved)
+    owned = _owned_parts(model, resolved, built.classes)
+    built.branches.extend(owned)
+    built.branches.extend(_task_norm_parts(model, resolved, {p for p, _, _ in owned}))
+    delta_layers, placement = _delta_parts(model, resolved, {p for p, _, _ in built.branches})
     if resolved["side"] is not None:
         delta_layers.append(_build_side(model, resolved["side"], built.branches + delta_layers))
     built.branches.extend(delta_layers)
@@ -145,9 +77,105 @@ def _build_patch(model: nn.Module, cfg: Mapping | None, name: str | None) -> Bui
         )
     for _, layer, _ in built.branches:
         slot_of(layer)  # raises if the layer cannot carry a slot
+    built.summary = _summary(model, resolved, built, delta_layers, placement)
+    return built
 
-    built.summary = PatchSummary(
-        name=name,
+
+#: (layer path, layer, part): what a patch adds where
+Part = tuple[str, nn.Module, nn.Module]
+
+
+def _plan_classes(model: nn.Module, resolved: dict) -> ClassChange | None:
+    """Step 1a: the class change of ``delta_patch.classes`` (``None``: the base's classes)."""
+    if resolved["classes"] is None:
+        return None
+    classes = plan_class_change(
+        model, resolved["classes"], resolved["base_classes"], resolved["class_map"]
+    )
+    matched = len(classes.matched)
+    unknown = not (resolved["base_classes"] or matched or base_class_names(model))
+    print_log(
+        f"mmdelta patch {resolved['name']!r}: {len(resolved['classes'])} classes, {matched} "
+        "start from the base's rows for the same class"
+        + (
+            " (the base's class names are unknown: set delta_patch.base_classes)" if unknown else ""
+        ),
+        logger="current",
+    )
+    return classes
+
+
+def _owned_parts(model: nn.Module, resolved: dict, classes: ClassChange | None) -> list[Part]:
+    """Step 1b: patch-owned copies of ``trainable`` layers (a new class set implies its
+    heads' final layers, which must be owned)."""
+    trainable = list(resolved["trainable"])
+    if classes is not None:
+        trainable = trainable or default_head_layers(model, classes)
+    owned = resolve_owned(model, trainable) if trainable else []
+    if classes is not None:
+        missing = sorted(set(classes.rows) - {path for path, _ in owned})
+        if missing:
+            raise DeltaPatchConfigError(
+                f"delta_patch.classes changes the output size of {missing}, so the patch must "
+                f"own them: add them to delta_patch.trainable (it is {resolved['trainable']})"
+            )
+    rows = classes.rows if classes is not None else {}
+    return [(path, layer, PatchOwned(layer, rows=rows.get(path))) for path, layer in owned]
+
+
+def _task_norm_parts(model: nn.Module, resolved: dict, owned_paths: set[str]) -> list[Part]:
+    """Step 2: the patch's own normalisation layers (``delta_patch.task_norm``)."""
+    if resolved["task_norm"] is None:
+        return []
+    norms = norm_layers(model, resolved["targets"], resolved["exclude"], owned_paths)
+    if not norms:
+        raise DeltaPatchConfigError(
+            f"delta_patch.task_norm is set but targets {resolved['targets']} (exclude "
+            f"{resolved['exclude']}) contain no normalisation layer"
+        )
+    update = resolved["task_norm"] == "stats"
+    return [(path, layer, PatchOwned(layer, update_stats=update)) for path, layer in norms]
+
+
+def _delta_parts(model: nn.Module, resolved: dict, reserved: set[str]):
+    """Step 3: a ``delta_patch.branch`` on every supported target layer not ``reserved``.
+
+    Returns ``(parts, placement)``; ``placement`` is ``None`` without a branch type.
+    """
+    if resolved["branch"] is None:
+        return [], None
+    branch_cfg = dict(resolved["branch"])
+    branch_cls = branch_type(branch_cfg.pop("type"))
+    placement = resolve_targets(
+        model, resolved["targets"], resolved["exclude"], branch_cls.supports, reserved
+    )
+    parts = []
+    for path, layer in placement.layers:
+        try:
+            branch = branch_cls(layer, **branch_cfg)
+        except LayerTooSmall as err:
+            placement.skipped.append((path, str(err)))
+            continue
+        except (TypeError, ValueError, RuntimeError, MemoryError) as err:
+            # RuntimeError / MemoryError: options that ask for more memory than there is
+            raise DeltaPatchConfigError(
+                f"delta_patch.branch={resolved['branch']} on {path}: {err}"
+            ) from err
+        parts.append((path, layer, branch))
+    if not parts:
+        skipped = [p for p, _ in placement.skipped]
+        raise DeltaPatchConfigError(
+            f"delta_patch: nothing to patch: targets {resolved['targets']} (exclude "
+            f"{resolved['exclude']}) contain no layer {resolved['branch']['type']} supports"
+            + (f" large enough (skipped: {skipped})" if skipped else "")
+        )
+    return parts, placement
+
+
+def _summary(model, resolved, built: BuiltPatch, delta_layers: list[Part], placement):
+    """Step 4: the :class:`PatchSummary` of the built patch."""
+    return PatchSummary(
+        name=built.name,
         branch=resolved["branch"],
         layers=[describe_layer(model, p, layer, b) for p, layer, b in delta_layers],
         owned=[
@@ -156,11 +184,10 @@ def _build_patch(model: nn.Module, cfg: Mapping | None, name: str | None) -> Bui
             if isinstance(b, PatchOwned)
         ],
         base_params=count_base_params(model),
-        skipped=skipped,
-        unsupported=unsupported,
+        skipped=placement.skipped if placement is not None else [],
+        unsupported=placement.unsupported if placement is not None else [],
         classes=resolved["classes"],
     )
-    return built
 
 
 def _build_side(model: nn.Module, side: dict, others: list) -> tuple[str, nn.Module, nn.Module]:
@@ -188,14 +215,11 @@ def _build_side(model: nn.Module, side: dict, others: list) -> tuple[str, nn.Mod
 
 def attach_patch(model: nn.Module, built: BuiltPatch, select: bool = True) -> None:
     """Attaches a built patch (cannot fail for a patch built on this model)."""
+    state = patch_state(model, create=True)
     for _, layer, branch in built.branches:
         slot_of(layer, create=True)[built.name] = branch
-    record_patch(
-        model, built.name, built.cfg, built.classes.attrs if built.classes is not None else {}
-    )
-    install_train_guard(model)
-    if select:
-        set_active_patch(model, built.name)
+    state.add(model, built.name, built.cfg, built.classes.attrs if built.classes else {})
+    state.activate(model, built.name if select else state.active)
 
 
 def apply_delta_patch(model: nn.Module, cfg: Mapping | None = None) -> PatchSummary:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ..branches import PATCHABLE_LAYERS
 from .config import DeltaPatchConfigError
 from .targets import CLASSIFIER_NAMES, base_modules
 
@@ -50,7 +51,7 @@ def _heads(model: nn.Module) -> dict[str, nn.Module]:
         for path, m in base_modules(model)
         if isinstance(getattr(m, "num_classes", None), int)
         and not isinstance(m.num_classes, bool)
-        and any(isinstance(c, (nn.Conv2d, nn.Linear)) for c in m.children())
+        and any(isinstance(c, PATCHABLE_LAYERS) for c in m.children())
     }
 
 
@@ -59,7 +60,7 @@ def _final_layers(head_path: str, head: nn.Module) -> list[tuple[str, str, nn.Mo
     return [
         (f"{head_path}.{name}" if head_path else name, name, layer)
         for name, layer in head.named_children()
-        if name in CLASSIFIER_NAMES and isinstance(layer, (nn.Conv2d, nn.Linear))
+        if name in CLASSIFIER_NAMES and isinstance(layer, PATCHABLE_LAYERS)
     ]
 
 

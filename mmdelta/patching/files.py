@@ -15,6 +15,7 @@ pickle: loading never executes code) holding only the patch's tensors, keyed
 
 import hashlib
 import json
+import weakref
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ from ..fileio import write_atomic
 from .apply import attach_patch, build_patch
 from .config import DEFAULT_NAME, DeltaPatchConfigError, resolve_config
 from .slot import iter_slots
-from .state import active_patch, base_state_dict, patch_configs, patch_names, set_active_patch
+from .state import base_state_dict, patch_configs, resolve_patch_name, set_active_patch
 from .targets import base_modules
 
 FORMAT = "mmdelta-patch"
@@ -48,6 +49,10 @@ def _hash_state(state: dict, values: bool) -> str:
     return digest.hexdigest()
 
 
+#: model -> (tensor ids and versions, the tensors, hash): see :func:`base_fingerprint`
+_FINGERPRINTS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
 def base_architecture(model: nn.Module, state: dict | None = None) -> str:
     """Hash of the base state dict's names, shapes and dtypes (the architecture); ``state``
     is ``base_state_dict(model)`` where the caller has it already."""
@@ -55,8 +60,8 @@ def base_architecture(model: nn.Module, state: dict | None = None) -> str:
 
 
 def base_fingerprint(model: nn.Module, state: dict | None = None) -> str:
-    """Hash of the base state dict's values, cached on the model while no base tensor is
-    replaced or written (keyed on the parameter / buffer objects and their versions; the
+    """Hash of the base state dict's values, cached per model (beside it, in a weak map:
+    nothing is stored on the model) while no base tensor is replaced or written (keyed on the parameter / buffer objects and their versions; the
     cache holds them, so their ids stay theirs)."""
     tensors = [
         t
@@ -65,11 +70,11 @@ def base_fingerprint(model: nn.Module, state: dict | None = None) -> str:
         if t is not None
     ]
     key = tuple((id(t), t._version) for t in tensors)
-    cached = model.__dict__.get("_mmdelta_fingerprint")
+    cached = _FINGERPRINTS.get(model)
     if cached is None or cached[0] != key:
         state = base_state_dict(model) if state is None else state
         cached = (key, tensors, _hash_state(state, values=True))
-        model.__dict__["_mmdelta_fingerprint"] = cached
+        _FINGERPRINTS[model] = cached
     return cached[2]
 
 
@@ -82,19 +87,9 @@ def _patch_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     }
 
 
-def _which(model: nn.Module, name: str | None) -> str:
-    names = patch_names(model)
-    if name is None:
-        name = active_patch(model) or (names[0] if len(names) == 1 else None)
-        if name is None:
-            raise ValueError(f"no patch is active; say which to save: one of {names}")
-    if name not in names:
-        raise KeyError(f"model carries no patch {name!r}; it has {names}")
-    return name
-
-
 def save_patch(model: nn.Module, path, name: str | None = None, overwrite: bool = False) -> Path:
-    """Writes patch ``name`` (default: the active one) of ``model`` to ``path``.
+    """Writes patch ``name`` (default: the active one, else the only one) of ``model`` to
+    ``path``.
 
     Only the patch's tensors are written, with the metadata described above. The write is
     atomic: a temporary file in the same folder, flushed to disk, then renamed over
@@ -103,7 +98,7 @@ def save_patch(model: nn.Module, path, name: str | None = None, overwrite: bool 
     """
     from .. import __version__
 
-    name = _which(model, name)
+    name = resolve_patch_name(model, name, "save")
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")

@@ -7,7 +7,7 @@ from torch import nn
 
 from ..branches.base import tensor_store
 from .slot import iter_slots, remove_slot
-from .state import active_patch, patch_names, set_active_patch
+from .state import patch_state, resolve_patch_name
 
 
 def _set_tensor(layer: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -31,7 +31,8 @@ def _update_sizes(layer: nn.Module) -> None:
 
 
 def merge_patch(model: nn.Module, name: str | None = None) -> nn.Module:
-    """A new model in which patch ``name`` (default: the active one) is part of the weights.
+    """A new model in which patch ``name`` (default: the active one, else the only
+    one) is part of the weights.
 
     Mergeable branches are folded into their layers' tensors (``W + ΔW``, scale-and-shift
     into weight and bias), patch-owned layers replace the base's (a new class set included:
@@ -41,14 +42,10 @@ def merge_patch(model: nn.Module, name: str | None = None) -> nn.Module:
 
     Raises:
         ValueError: the patch has a branch type that cannot be folded (e.g. ``BlockDelta``),
-            or no patch is active and none is named.
+            or no patch is named and none is active or the only one
+            (:func:`~mmdelta.patching.state.resolve_patch_name`).
     """
-    names = patch_names(model)
-    name = name if name is not None else active_patch(model)
-    if name is None:
-        raise ValueError(f"no patch is active; say which to merge: one of {names}")
-    if name not in names:
-        raise KeyError(f"model carries no patch {name!r}; it has {names}")
+    name = resolve_patch_name(model, name, "merge")
     blocking = sorted(
         {
             f"{type(slot[name]).__name__} on {path}"
@@ -63,22 +60,16 @@ def merge_patch(model: nn.Module, name: str | None = None) -> nn.Module:
             "it with mmdelta (load_patch + set_active_patch) instead"
         )
     merged = copy.deepcopy(model)
-    set_active_patch(merged, name)  # the patch's head attributes (num_classes, …)
-    was_training = merged.training
+    state = patch_state(merged)
+    state.activate(merged, name)  # the patch's head attributes (num_classes, …)
     with torch.no_grad():
         for path, slot in list(iter_slots(merged)):
             layer = merged.get_submodule(path)
-            branch = slot._modules.get(name)
-            if branch is not None:
-                for tensor_name, value in branch.merged_tensors(layer).items():
+            part = slot._modules.get(name)
+            if part is not None:
+                for tensor_name, value in part.merged_tensors(layer).items():
                     _set_tensor(layer, tensor_name, value.detach())
                 _update_sizes(layer)
             remove_slot(layer)
-    flags = merged.__dict__.get("_mmdelta_requires_grad", {})
-    for attr in [a for a in merged.__dict__ if a.startswith("_mmdelta_")]:
-        del merged.__dict__[attr]
-    merged.__dict__.pop("train", None)
-    for name, param in merged.named_parameters():  # the flags the model had before patching
-        param.requires_grad_(flags.get(name, True))
-    merged.train(was_training)  # the model's own train(): frozen stages, norm_eval
+    state.tear_down(merged)  # guard, state and requires_grad flags; the model's own train()
     return merged

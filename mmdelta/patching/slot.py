@@ -1,26 +1,29 @@
 """Where Δ branches live: a :class:`DeltaSlot` inside each patched layer.
 
 A patched layer ``L`` gets one child ``L.delta`` (a :class:`DeltaSlot`) that maps patch
-names to branches, and an instance-level ``forward`` that runs the layer's own class forward
-when no branch is active and the active branch's patched forward otherwise. The layer
-itself (its class, parameters, buffers and state-dict keys) is untouched, so
+names to what each patch adds there (a :class:`~mmdelta.branches.PatchPart`), and an
+instance-level ``forward`` (:class:`SlotForward`) that runs the layer's own class forward
+when no part is active and the active part's patched forward otherwise. The layer itself
+(its class, parameters, buffers and state-dict keys) is untouched, so
 ``backbone.layer1.0.conv1.weight`` stays ``backbone.layer1.0.conv1.weight`` and a branch's
 parameters sit right beside it, e.g. ``backbone.layer1.0.conv1.delta.<patch>.up``.
 """
 
-import types
 from collections.abc import Iterator
 
 from torch import nn
 
+#: the name of the slot child in every patched layer
 SLOT_NAME = "delta"
+#: the state-dict key segment every patch tensor lives under (``<layer>.delta.<patch>.…``)
+DELTA_SEGMENT = f".{SLOT_NAME}."
 
 
 class DeltaSlot(nn.ModuleDict):
-    """The Δ branches of one layer, keyed by patch name; at most one is ``active``.
+    """The patch parts of one layer, keyed by patch name; at most one is ``active``.
 
     ``active`` is a patch name or ``None``; with ``None`` (or a name this layer has no
-    branch for) the layer computes exactly its base function.
+    part for) the layer computes exactly its base function.
     """
 
     def __init__(self):
@@ -36,19 +39,41 @@ class DeltaSlot(nn.ModuleDict):
         return self._modules.get(self.active) if self.active is not None else None
 
 
-def _dispatch_forward(layer: nn.Module, *args, **kwargs):
-    """The forward of every patched layer (installed on the instance, the class untouched).
+class SlotForward:
+    """The forward of one patched layer, stored in the layer's instance ``__dict__`` (the
+    class is untouched).
 
-    No active branch: exactly the layer's own class forward, nothing else is evaluated.
-    Active branch: whatever the branch computes from the layer and its inputs
-    (:meth:`~mmdelta.branches.DeltaBranch.patched_forward`). A module-level function bound
-    with ``MethodType``, so ``copy.deepcopy`` of a patched model rebinds it to the copy.
+    No active part: exactly the layer's own class forward, nothing else is evaluated.
+    Active part: whatever the part computes from the layer and its inputs
+    (:meth:`~mmdelta.branches.PatchPart.patched_forward`). A plain picklable object (not a
+    bound method), so ``copy.deepcopy``, ``pickle`` and ``torch.save(model)`` /
+    ``torch.load`` carry it to the copy's layer.
     """
-    base_forward = types.MethodType(type(layer).forward, layer)
-    branch = layer._modules[SLOT_NAME].active_branch()
-    if branch is None:
-        return base_forward(*args, **kwargs)
-    return branch.patched_forward(layer, base_forward, args, kwargs)
+
+    __slots__ = ("layer",)
+
+    def __init__(self, layer: nn.Module):
+        self.layer = layer
+
+    def __call__(self, *args, **kwargs):
+        layer = self.layer
+        branch = layer._modules[SLOT_NAME].active_branch()
+        if branch is None:
+            return type(layer).forward(layer, *args, **kwargs)
+        return branch.patched_forward(layer, self.base_forward, args, kwargs)
+
+    def base_forward(self, *args, **kwargs):
+        """The layer's own class forward."""
+        return type(self.layer).forward(self.layer, *args, **kwargs)
+
+    def __getstate__(self):
+        return self.layer
+
+    def __setstate__(self, layer):
+        self.layer = layer
+
+    def __repr__(self) -> str:
+        return f"SlotForward({type(self.layer).__name__})"
 
 
 def slot_of(layer: nn.Module, create: bool = False) -> DeltaSlot | None:
@@ -69,7 +94,7 @@ def slot_of(layer: nn.Module, create: bool = False) -> DeltaSlot | None:
         if create:
             slot = DeltaSlot()
             layer.add_module(SLOT_NAME, slot)
-            layer.forward = types.MethodType(_dispatch_forward, layer)
+            layer.__dict__["forward"] = SlotForward(layer)
     return slot
 
 
@@ -89,5 +114,5 @@ def iter_slots(model: nn.Module) -> Iterator[tuple[str, DeltaSlot]]:
 def slot_prefixes(model: nn.Module) -> tuple[str, ...]:
     """State-dict prefixes (``"<layer>.delta."``) of every Δ slot in ``model``."""
     return tuple(
-        f"{path}.{SLOT_NAME}." if path else f"{SLOT_NAME}." for path, _ in iter_slots(model)
+        f"{path}{DELTA_SEGMENT}" if path else f"{SLOT_NAME}." for path, _ in iter_slots(model)
     )

@@ -1,11 +1,18 @@
-"""Which patches a model carries and which one computes.
+"""Which patches a model carries and which one computes: one :class:`PatchState` per model.
 
-The model keeps plain attributes: ``_mmdelta_patches`` (patch name -> resolved config, in
-the order applied), ``_mmdelta_attrs`` (patch name -> {module path -> {attribute -> value
-while that patch is active}}, e.g. a head's ``num_classes``), ``_mmdelta_base_attrs`` (the
-base's values of those attributes) and ``_mmdelta_active`` (the active patch or ``None``).
-Every :class:`~mmdelta.patching.slot.DeltaSlot` mirrors the selection in its ``active``
-field, which is what the patched layers' forwards read.
+A patched model holds exactly one piece of mmdelta state, ``model._mmdelta`` (a
+:class:`PatchState`), plus two things that live where torch looks for them:
+
+* a :class:`~mmdelta.patching.slot.DeltaSlot` child and a
+  :class:`~mmdelta.patching.slot.SlotForward` in every patched layer (the parts and the
+  dispatch), each slot mirroring the selection in its ``active`` field;
+* a :class:`GuardedTrain` as the model's instance-level ``train``, so every
+  ``model.train(mode)`` ends with the frozen-base invariants (:mod:`.freeze`).
+
+Both are plain picklable objects: a patched model survives ``copy.deepcopy``, ``pickle``
+and ``torch.save(model)`` / ``torch.load`` with its patches, selection and guard. With the
+last patch removed (or merged into a copy) :meth:`PatchState.tear_down` takes all three
+off again: the model is the plain base model.
 """
 
 from collections.abc import Iterator
@@ -13,44 +20,210 @@ from contextlib import contextmanager
 
 from torch import nn
 
+from .freeze import enforce_frozen_base, requires_grad_flags, restore_requires_grad
 from .slot import iter_slots, remove_slot, slot_prefixes
 
-_MISSING = object()
+#: the model attribute holding its :class:`PatchState`
+STATE_ATTR = "_mmdelta"
 
 
-def patch_configs(model: nn.Module) -> dict[str, dict]:
-    """Patch name -> resolved ``delta_patch`` config, for every patch the model carries."""
-    return dict(model.__dict__.get("_mmdelta_patches", {}))
+class _Missing:
+    """Marks an attribute the base module did not have (it is removed again when the base
+    is selected). Pickles as a reference to the one instance, :data:`MISSING`."""
+
+    def __reduce__(self):
+        return "MISSING"
+
+    def __repr__(self) -> str:
+        return "MISSING"
 
 
-def patch_names(model: nn.Module) -> list[str]:
-    """Names of the patches the model carries, in the order they were added."""
-    return list(model.__dict__.get("_mmdelta_patches", {}))
+MISSING = _Missing()
 
 
-def record_patch(model: nn.Module, name: str, cfg: dict, attrs: dict | None = None) -> None:
-    model.__dict__.setdefault("_mmdelta_patches", {})[name] = cfg
-    model.__dict__.setdefault("_mmdelta_attrs", {})[name] = attrs or {}
-    base = model.__dict__.setdefault("_mmdelta_base_attrs", {})
-    for path, values in (attrs or {}).items():
-        module = model.get_submodule(path)
-        for attr in values:
-            base.setdefault(path, {}).setdefault(attr, getattr(module, attr, _MISSING))
+class PatchState:
+    """Everything mmdelta knows about one patched model.
+
+    * ``configs``: patch name -> resolved ``delta_patch`` config, in the order applied;
+    * ``attrs``: patch name -> {module path -> {attribute -> value while that patch is
+      active}} (e.g. a head's ``num_classes`` for a patch with its own class set), and
+      ``base_attrs`` the base's values of those attributes;
+    * ``active``: the patch that computes, or ``None`` (the exact base);
+    * ``base_requires_grad``: the base parameters' own ``requires_grad`` flags, recorded
+      before patching and given back by :meth:`tear_down`.
+
+    The operations take the model they belong to (the state holds no reference to it).
+    """
+
+    def __init__(self, base_requires_grad: dict[str, bool]):
+        self.configs: dict[str, dict] = {}
+        self.attrs: dict[str, dict] = {}
+        self.base_attrs: dict[str, dict] = {}
+        self.active: str | None = None
+        self.base_requires_grad = dict(base_requires_grad)
+
+    # -------------------------------------------------------------------- queries
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.configs)
+
+    def which(self, name: str | None, action: str) -> str:
+        """The one rule for "which patch do you mean" (save, merge, serving, export):
+        ``name`` if given (it must exist), else the active patch, else the only patch.
+
+        Raises:
+            KeyError: ``name`` is not a patch of the model.
+            ValueError: no name, no active patch and not exactly one patch.
+        """
+        if name is None:
+            name = self.active or (self.names[0] if len(self.configs) == 1 else None)
+            if name is None:
+                raise ValueError(f"no patch is active; say which to {action}: one of {self.names}")
+        self.check(name)
+        return name
+
+    def check(self, name: str) -> None:
+        if name not in self.configs:
+            raise KeyError(f"model carries no patch {name!r}; it has {self.names}")
+
+    # ------------------------------------------------------------------ operations
+
+    def add(self, model: nn.Module, name: str, cfg: dict, attrs: dict) -> None:
+        """Records patch ``name`` (its parts are already in the slots)."""
+        self.configs[name] = cfg
+        self.attrs[name] = attrs
+        for path, values in attrs.items():
+            module = model.get_submodule(path)
+            for attr in values:
+                default = getattr(module, attr, MISSING)
+                self.base_attrs.setdefault(path, {}).setdefault(attr, default)
+
+    def activate(self, model: nn.Module, name: str | None) -> None:
+        """Makes ``name`` the patch that computes (``None``: the base), in every slot and
+        in the head attributes, and re-asserts the frozen-base invariants."""
+        if name is not None:
+            self.check(name)
+        _set_attrs(model, self.base_attrs)
+        if name is not None:
+            _set_attrs(model, self.attrs[name])
+        self.active = name
+        for _, slot in iter_slots(model):
+            slot.active = name
+            for part in slot.values():
+                part.clear_cache()
+        self.enforce(model, model.training)
+
+    def enforce(self, model: nn.Module, mode: bool) -> None:
+        enforce_frozen_base(model, self.active, mode)
+
+    def remove(self, model: nn.Module, name: str) -> None:
+        """Drops patch ``name`` and its parts; the last one tears the state down."""
+        self.check(name)
+        if self.active == name:
+            self.activate(model, None)
+        for path, slot in list(iter_slots(model)):
+            if name in slot:
+                del slot[name]
+            if not len(slot):
+                remove_slot(model.get_submodule(path))
+        del self.configs[name], self.attrs[name]
+        if not self.configs:
+            self.tear_down(model)
+
+    def tear_down(self, model: nn.Module) -> None:
+        """Takes every slot, the guard and the state off ``model`` and gives the base
+        parameters their own ``requires_grad`` back; then runs the model's own
+        ``train(mode)`` (frozen stages, ``norm_eval``) in the mode it is in."""
+        for path, _ in list(iter_slots(model)):
+            remove_slot(model.get_submodule(path))
+        model.__dict__.pop("train", None)
+        model.__dict__.pop(STATE_ATTR, None)
+        restore_requires_grad(model, self.base_requires_grad)
+        model.train(model.training)
 
 
-def active_patch(model: nn.Module) -> str | None:
-    """The name of the active patch (``None``: the model computes its base function)."""
-    return model.__dict__.get("_mmdelta_active")
+class GuardedTrain:
+    """A patched model's instance-level ``train``: the model class's own ``train(mode)``,
+    then the frozen-base invariants. Picklable (not a bound method)."""
+
+    __slots__ = ("model",)
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, mode: bool = True) -> nn.Module:
+        model = self.model
+        type(model).train(model, mode)
+        model.__dict__[STATE_ATTR].enforce(model, mode)
+        return model
+
+    def __getstate__(self):
+        return self.model
+
+    def __setstate__(self, model):
+        self.model = model
+
+    def __repr__(self) -> str:
+        return f"GuardedTrain({type(self.model).__name__})"
 
 
 def _set_attrs(model: nn.Module, values: dict) -> None:
     for path, attrs in values.items():
         module = model.get_submodule(path)
         for attr, value in attrs.items():
-            if value is _MISSING:
+            if value is MISSING:
                 module.__dict__.pop(attr, None)
             else:
                 setattr(module, attr, value)
+
+
+def patch_state(model: nn.Module, create: bool = False) -> PatchState | None:
+    """The model's :class:`PatchState` (``None`` for a plain model); with ``create`` a new
+    one is made — recording the base's ``requires_grad`` flags and installing the guard —
+    if there is none."""
+    state = model.__dict__.get(STATE_ATTR)
+    if state is None and create:
+        if "train" in model.__dict__:
+            raise TypeError(
+                f"{type(model).__name__} has an instance-level train ({model.__dict__['train']!r}) "
+                "set by something else; mmdelta cannot guard it"
+            )
+        state = PatchState(requires_grad_flags(model))
+        model.__dict__[STATE_ATTR] = state
+        model.__dict__["train"] = GuardedTrain(model)
+    return state
+
+
+# ------------------------------------------------------------------ public functions
+
+
+def patch_configs(model: nn.Module) -> dict[str, dict]:
+    """Patch name -> resolved ``delta_patch`` config, for every patch the model carries."""
+    state = patch_state(model)
+    return dict(state.configs) if state is not None else {}
+
+
+def patch_names(model: nn.Module) -> list[str]:
+    """Names of the patches the model carries, in the order they were added."""
+    state = patch_state(model)
+    return state.names if state is not None else []
+
+
+def active_patch(model: nn.Module) -> str | None:
+    """The name of the active patch (``None``: the model computes its base function)."""
+    state = patch_state(model)
+    return state.active if state is not None else None
+
+
+def resolve_patch_name(model: nn.Module, name: str | None, action: str = "use") -> str:
+    """``name``, or the patch meant when none is named (the active one, else the only
+    one): the rule :func:`save_patch`, :func:`merge_patch` and serving share. ``action``
+    words the error (``"no patch is active; say which to <action>"``)."""
+    state = patch_state(model)
+    if state is None:
+        raise KeyError(f"this {type(model).__name__} carries no mmdelta patch")
+    return state.which(name, action)
 
 
 def set_active_patch(model: nn.Module, name: str | None) -> None:
@@ -59,20 +232,12 @@ def set_active_patch(model: nn.Module, name: str | None) -> None:
     Switches every patched layer, and the head attributes a patch with its own class set
     changes (``num_classes``, …). Only the active patch's branches are evaluated.
     """
-    if name is not None and name not in patch_configs(model):
-        raise KeyError(f"model carries no patch {name!r}; it has {patch_names(model)}")
-    _set_attrs(model, model.__dict__.get("_mmdelta_base_attrs", {}))
-    if name is not None:
-        _set_attrs(model, model.__dict__["_mmdelta_attrs"][name])
-    model.__dict__["_mmdelta_active"] = name
-    for _, slot in iter_slots(model):
-        slot.active = name
-        for branch in slot.values():
-            branch.clear_cache()
-    if "train" in model.__dict__:  # the guard: requires_grad follows the selection
-        from .freeze import enforce_frozen_base
-
-        enforce_frozen_base(model, model.training)
+    state = patch_state(model)
+    if state is None:
+        if name is None:
+            return
+        raise KeyError(f"model carries no patch {name!r}; it has []")
+    state.activate(model, name)
 
 
 def get_delta_patch_cfg(model: nn.Module, name: str | None = None) -> dict:
@@ -94,26 +259,10 @@ def patch_classes(model: nn.Module, name: str | None = None) -> list[str] | None
 def remove_patch(model: nn.Module, name: str) -> None:
     """Takes patch ``name`` off the model (its tensors are dropped). A removed active patch
     leaves the model inactive; with no patch left the model is the plain base model."""
-    configs = model.__dict__.get("_mmdelta_patches", {})
-    if name not in configs:
-        raise KeyError(f"model carries no patch {name!r}; it has {list(configs)}")
-    if active_patch(model) == name:
-        set_active_patch(model, None)
-    for _, slot in list(iter_slots(model)):
-        if name in slot:
-            del slot[name]
-    layers = [model.get_submodule(path) for path, slot in iter_slots(model) if not len(slot)]
-    for layer in layers:
-        remove_slot(layer)
-    del configs[name]
-    del model.__dict__["_mmdelta_attrs"][name]
-    if not configs:
-        from .freeze import restore_requires_grad
-
-        model.__dict__.pop("train", None)
-        restore_requires_grad(model, model.__dict__.get("_mmdelta_requires_grad", {}))
-        for attr in [a for a in model.__dict__ if a.startswith("_mmdelta_")]:
-            del model.__dict__[attr]
+    state = patch_state(model)
+    if state is None:
+        raise KeyError(f"model carries no patch {name!r}; it has []")
+    state.remove(model, name)
 
 
 def base_state_dict(model: nn.Module) -> dict:

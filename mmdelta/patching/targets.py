@@ -9,12 +9,11 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+from ..branches import PATCHABLE_LAYERS
 from ..branches.owned import owned_tensor_names
 from .config import DeltaPatchConfigError
 from .slot import DeltaSlot
 
-#: layer classes (and their subclasses) the low-rank Δ branch attaches to
-PATCHABLE_LAYERS = (nn.Conv2d, nn.Linear)
 #: normalisation layers a patch can own (task-specific normalisation)
 NORM_LAYERS = (_BatchNorm, _InstanceNorm, nn.LayerNorm, nn.GroupNorm)
 #: final prediction layers of OpenMMLab heads: a container pattern never expands into them
@@ -43,6 +42,8 @@ class TargetLayers:
     layers: list[tuple[str, nn.Module]] = field(default_factory=list)
     #: conv-like layers inside the targets that no branch supports (e.g. DCN): (path, type)
     unsupported: list[tuple[str, str]] = field(default_factory=list)
+    #: layers the branch type found too small (``LayerTooSmall``): (path, reason)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
 def base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

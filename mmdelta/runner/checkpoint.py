@@ -22,8 +22,7 @@ from mmengine.logging import HistoryBuffer
 from mmengine.runner.checkpoint import _load_checkpoint
 from torch import nn
 
-#: the module-path segment every mmdelta tensor lives under (``<layer>.delta.<patch>.…``)
-DELTA_SEGMENT = ".delta."
+from ..patching.slot import DELTA_SEGMENT
 
 
 class CheckpointError(RuntimeError):
