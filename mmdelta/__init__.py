@@ -34,8 +34,7 @@ from .patching import (
 )
 from .registry import DELTA_BRANCHES
 from .runner import DeltaPatchHook, DeltaRunner
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "DELTA_BRANCHES",

@@ -38,6 +38,7 @@ from ..patching.classes import CLASS_COUNT_ATTRS
 from ..registry import DELTA_BRANCHES
 from ..runner.checkpoint import load_base_state
 from ..runner.delta_runner import PATCH_FILE_KEY
+from ..version import __version__
 
 CONFIG_FORMATS = (".py", ".json", ".yaml", ".yml")
 
@@ -289,8 +290,6 @@ def write_standalone(
         NotMergeableError: the patch has branches that cannot be folded (``BlockDelta``).
         StandaloneError: the config cannot be rewritten for the merged model.
     """
-    from .. import __version__
-
     out_checkpoint = Path(out_checkpoint)
     out_config = Path(out_config) if out_config is not None else out_checkpoint.with_suffix(".py")
     inputs = {"config": config, "base checkpoint": base_checkpoint, "patch file": patch_file}

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..fileio import write_atomic
+from ..version import __version__
 from .apply import attach_patch, build_patch
 from .config import DEFAULT_NAME, DeltaPatchConfigError, resolve_config
 from .slot import iter_slots
@@ -96,8 +97,6 @@ def save_patch(model: nn.Module, path, name: str | None = None, overwrite: bool 
     ``path`` — a crash never leaves a truncated patch file. An existing file is only
     replaced with ``overwrite=True``.
     """
-    from .. import __version__
-
     name = resolve_patch_name(model, name, "save")
     path = Path(path)
     if path.exists() and not overwrite:
