@@ -330,3 +330,39 @@ def test_block_delta_rejects_a_block_of_unexpected_geometry():
 
     with pytest.raises(TypeError, match="stride"):
         BlockDelta(Bottleneck())
+
+
+# ----------------------------------------------------------------------------- the kinds
+
+
+def test_every_registered_branch_type_has_a_kind_and_mergeable_follows_it():
+    from mmdelta.branches import (
+        AdditiveDelta,
+        DeltaBranch,
+        FoldingDelta,
+        LowRankDelta,
+        PatchOwned,
+        PatchPart,
+    )
+
+    DELTA_BRANCHES.import_from_location()
+    types = dict(DELTA_BRANCHES.module_dict)
+    assert {"LowRankDelta", "ScaleShiftDelta", "BlockDelta", "SideDelta"} <= set(types)
+    for name, cls in types.items():
+        assert issubclass(cls, DeltaBranch), name
+        assert issubclass(cls, AdditiveDelta | FoldingDelta), f"{name} has no kind"
+        assert cls.mergeable == issubclass(cls, FoldingDelta), name
+    assert issubclass(LowRankDelta, AdditiveDelta) and issubclass(LowRankDelta, FoldingDelta)
+    # a patch-owned copy is a part of a patch, not a Δ branch, and is not registered
+    assert issubclass(PatchOwned, PatchPart) and not issubclass(PatchOwned, DeltaBranch)
+    assert PatchOwned.mergeable and "PatchOwned" not in types
+
+
+def test_delta_branches_is_a_scoped_child_of_the_root_model_registry():
+    from mmengine.registry import MODELS
+
+    assert DELTA_BRANCHES.parent is MODELS and DELTA_BRANCHES.scope == "mmdelta"
+    assert MODELS.children["mmdelta"] is DELTA_BRANCHES
+    conv = nn.Conv2d(4, 6, 3)
+    branch = MODELS.build(dict(type="mmdelta.ScaleShiftDelta", layer=conv))
+    assert isinstance(branch, ScaleShiftDelta)

@@ -54,7 +54,7 @@ from torch import nn
 
 from ..fileio import write_atomic
 from ..patching.slot import iter_slots
-from ..patching.state import active_patch, patch_names
+from ..patching.state import active_patch, patch_names, resolve_patch_name
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,10 @@ def _refuse_patched(model: nn.Module) -> None:
     if not names and not slots:
         return
     active = active_patch(model)
-    which = active if active is not None else (names[0] if names else "NAME")
+    try:
+        which = resolve_patch_name(model, None, "export")
+    except (KeyError, ValueError):  # no patch state left, or several and none active
+        which = "NAME"
     raise PatchedModelError(
         f"the model still carries mmdelta patch(es) {names} (active: {active!r}, "
         f"{len(slots)} patched layers); ONNX export needs a plain model: export "

@@ -33,8 +33,9 @@ from mmengine.registry import HOOKS
 
 from ..apis.inference import _build, init_patched_model
 from ..fileio import write_atomic, write_text_atomic
-from ..patching import active_patch, delta_disabled, merge_patch, patch_classes
+from ..patching import delta_disabled, merge_patch, patch_classes
 from ..patching.classes import CLASS_COUNT_ATTRS
+from ..patching.state import resolve_patch_name
 from ..registry import DELTA_BRANCHES
 from ..runner.checkpoint import load_base_state
 from ..runner.delta_runner import PATCH_FILE_KEY
@@ -313,7 +314,7 @@ def write_standalone(
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
     model = init_patched_model(cfg, str(base_checkpoint), str(patch_file))
-    name = active_patch(model)
+    name = resolve_patch_name(model, None, "merge")
     try:
         merged = merge_patch(model, name)
     except ValueError as err:

@@ -12,6 +12,7 @@ from .state import (
     patch_classes,
     patch_names,
     remove_patch,
+    resolve_patch_name,
     set_active_patch,
 )
 from .summary import PatchSummary
@@ -34,6 +35,7 @@ __all__ = [
     "patch_names",
     "read_patch_file",
     "remove_patch",
+    "resolve_patch_name",
     "save_patch",
     "set_active_patch",
 ]
