@@ -1,6 +1,6 @@
 """Suite-wide rules: no network, every test starts from the same random state, and no test may
 leave torch's process-wide settings changed (the suite runs in a shuffled order, see "How the
-suite runs" in the README; a test that depended on what ran before it would fail at random)."""
+suite runs" in docs/install.md; a test that depended on what ran before it would fail at random)."""
 
 import os
 import random
