@@ -243,7 +243,7 @@ BAD_FILES = {
     "inf": (_inf, "NaN or Inf"),
     "wrong_shape": (_wrong_shape, "has shape"),
     "wrong_dtype": (_wrong_dtype, "has dtype"),
-    "missing_key": (_missing_key, "missing 1 tensor"),
+    "missing_key": (_missing_key, "tensors missing 1"),
     "extra_key": (_extra_key, "unexpected 1"),
     "other_base": (_other_base, "trained on other base weights"),
     "other_architecture": (_other_architecture, "built for another base model"),

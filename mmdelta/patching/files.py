@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..exactness import key_mismatch
 from ..fileio import write_atomic
 from ..version import __version__
 from .apply import attach_patch, build_patch
@@ -163,13 +164,10 @@ def read_patch_file(path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
 
 
 def _check_tensors(path, file: dict, expected: dict[str, torch.Tensor]) -> None:
-    missing = sorted(set(expected) - set(file))
-    unexpected = sorted(set(file) - set(expected))
-    if missing or unexpected:
+    mismatch = key_mismatch(expected, file)
+    if mismatch:
         raise PatchFileError(
-            f"{path} does not fit the patch its config builds on this model: "
-            f"missing {len(missing)} tensor(s) {missing[:5]}, unexpected {len(unexpected)} "
-            f"{unexpected[:5]}"
+            f"{path} does not fit the patch its config builds on this model: tensors {mismatch}"
         )
     for key, tensor in file.items():
         want = expected[key]

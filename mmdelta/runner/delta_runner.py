@@ -46,6 +46,7 @@ from mmengine.runner.checkpoint import _load_checkpoint_to_model
 from torch import nn
 
 from ..datasets.paths import check_dataset_paths
+from ..exactness import key_mismatch
 from ..patching import (
     active_patch,
     apply_delta_patch,
@@ -215,14 +216,11 @@ class DeltaRunner(Runner):
         if self.delta_mode:
             # a resume: the checkpoint must hold this patched model, every key of it
             state = state_dict_of(checkpoint)
-            own = model.state_dict()
-            missing = sorted(set(own) - set(state))
-            unexpected = sorted(set(state) - set(own))
-            if missing or unexpected:
+            mismatch = key_mismatch(model.state_dict(), state)
+            if mismatch:
                 raise CheckpointError(
                     f"cannot resume from {filename}: it is not a checkpoint of this patched "
-                    f"model (missing {missing[:5]}…{len(missing)}, unexpected "
-                    f"{unexpected[:5]}…{len(unexpected)})"
+                    f"model ({mismatch})"
                 )
             strict = True
         checkpoint = _load_checkpoint_to_model(model, checkpoint, strict, revise_keys=revise_keys)
