@@ -15,8 +15,8 @@ import cv2
 import pytest
 import torch
 
-from mmdelta.demo.evaluate import evaluate, first_difference
-from mmdelta.demo.report import TASK_FIELDS
+from mmdelta.apps.demo.evaluate import evaluate, first_difference
+from mmdelta.apps.demo.report import TASK_FIELDS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -161,8 +161,8 @@ def test_first_difference_finds_one_changed_score_or_label():
 
 @pytest.mark.parametrize("task", ["det", "seg"])
 def test_base_cache_key_is_stable_across_runs_and_follows_config_and_data(task, tmp_path):
-    from mmdelta.demo.main_job import _task_config, _write_data, base_key
-    from mmdelta.demo.stories import SIZES, STORIES
+    from mmdelta.apps.demo.main_job import _task_config, _write_data, base_key
+    from mmdelta.apps.demo.stories import SIZES, STORIES
 
     story, tiny = STORIES[task], SIZES["tiny"]
     root = _write_data(story, story.base, tiny, tmp_path / "data")

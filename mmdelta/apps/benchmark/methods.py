@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..deploy.standalone import standalone_config
-from ..patching.config import resolve_config
+from ...deploy.standalone import standalone_config
+from ...patching.config import resolve_config
 
 #: top-level children that are not heads
 NOT_HEADS = ("backbone", "neck", "data_preprocessor")

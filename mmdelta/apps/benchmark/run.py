@@ -42,12 +42,12 @@ import torch
 from mmengine.config import Config
 from mmengine.runner import Runner
 
-from ..apis import init_base_model, init_patched_model
+from ...apis import init_base_model, init_patched_model
 from ..demo.evaluate import Evaluation, evaluate, first_difference
-from ..fileio import write_atomic, write_text_atomic
-from ..patching import delta_disabled, merge_patch
-from ..runner.checkpoint import mmengine_checkpoints
-from ..runner.cli import build_runner
+from ...fileio import write_atomic, write_text_atomic
+from ...patching import delta_disabled, merge_patch
+from ...runner.checkpoint import mmengine_checkpoints
+from ...runner.cli import build_runner
 from .costs import inference_latency, training_costs
 from .methods import BenchmarkError, Method, comparison_methods, method_config
 from .paint import ALPHAS, interpolate

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from mmengine.config import Config
 
-from ..datasets.paths import DEFAULT_LOADERS, check_dataset_paths
+from ...datasets.paths import DEFAULT_LOADERS, check_dataset_paths
 from ..demo.main_job import _base_checkpoint, _task_config, _write_data
 from ..demo.stories import SIZES, STORIES
 from .methods import BenchmarkError

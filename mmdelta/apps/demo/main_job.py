@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 from mmengine.config import Config
 
-from ..apis import init_base_model, init_patched_model
-from ..fileio import write_atomic, write_text_atomic
-from ..patching import delta_disabled
-from ..runner.cli import build_runner
+from ...apis import init_base_model, init_patched_model
+from ...fileio import write_atomic, write_text_atomic
+from ...patching import delta_disabled
+from ...runner.cli import build_runner
 from .evaluate import Evaluation, evaluate, first_difference
 from .pictures import plot_curves, side_by_side
 from .report import write_report

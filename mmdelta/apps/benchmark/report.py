@@ -16,7 +16,7 @@ import os
 import textwrap
 from pathlib import Path
 
-from ..fileio import write_atomic, write_text_atomic
+from ...fileio import write_atomic, write_text_atomic
 
 #: fields of every method row in benchmark.json (the smoke test checks each)
 METHOD_FIELDS = (

@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 import torch
 
-from ..fileio import write_bytes_atomic
+from ...fileio import write_bytes_atomic
 
 MIN_SHORT_SIDE = 384  # small images are upscaled to this before drawing: legible labels
 TITLE_HEIGHT = 36
