@@ -25,7 +25,7 @@ from mmdelta.apps.benchmark.report import (
 )
 from mmdelta.apps.benchmark.run import _set_iterations
 from mmdelta.apps.benchmark.settings import config_file, real_setting
-from mmdelta.apps.demo.evaluate import evaluate, first_difference
+from mmdelta.evaluation import evaluate, first_difference
 from mmdelta.patching import apply_delta_patch, delta_disabled
 from mmdelta.patching.config import resolve_config
 

@@ -26,8 +26,8 @@ from mmdelta.apps.benchmark.protocol import (
     val_split,
 )
 from mmdelta.apps.benchmark.report import METHOD_FIELDS, PAINT_FIELDS, TARGETS, assemble, rerender
-from mmdelta.datasets import TrainValSplit, image_key, in_validation, write_voc_dataset
 from mmdelta.apps.demo.stories import STORIES
+from mmdelta.datasets import TrainValSplit, image_key, in_validation, write_voc_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_SHIFT = ROOT / "configs/demo/det_shapes_shifted.py"

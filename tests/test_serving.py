@@ -27,8 +27,8 @@ from mmdelta.apis import init_base_model, patched_inferencer
 from mmdelta.apis.serving import MultiPatchInferencer, ServingError
 from mmdelta.datasets.images import NoImagesError
 from mmdelta.datasets.synthetic import write_voc_dataset
-from mmdelta.apps.demo.evaluate import first_difference
-from mmdelta.apps.demo.pictures import GAP, MIN_SHORT_SIDE, TITLE_HEIGHT
+from mmdelta.evaluation import first_difference
+from mmdelta.visualization import GAP, MIN_SHORT_SIDE, TITLE_HEIGHT
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "configs" / "e2e_det_voc_tiny.py"

@@ -34,8 +34,8 @@ from mmengine.config import Config
 
 from mmdelta import delta_disabled, remove_patch, save_patch, set_active_patch
 from mmdelta.apis import init_base_model
-from mmdelta.apps.demo.evaluate import evaluate, first_difference
 from mmdelta.apps.demo.stories import STORIES
+from mmdelta.evaluation import evaluate, first_difference
 from mmdelta.label_free import adapt_norm_stats
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,6 +17,7 @@ import textwrap
 from pathlib import Path
 
 from ...fileio import write_atomic, write_text_atomic
+from ...machine import describe_machine
 
 #: fields of every method row in benchmark.json (the smoke test checks each)
 METHOD_FIELDS = (
@@ -173,7 +174,7 @@ def assemble(setting, base, rows, costs, paint, date, seconds) -> dict:
         point["retention"] = _ratio(point["base_task"], base["base_task"])
     report = dict(
         setting=setting,
-        machine=_machine(),
+        machine=describe_machine(),
         date=date,
         seconds=seconds,
         base=base,
@@ -303,12 +304,6 @@ def rerender(out: str | os.PathLike) -> dict:
     report["presets"] = presets(report["methods"])
     write_outputs(report, out)
     return report
-
-
-def _machine() -> dict:
-    from ..demo.main_job import _machine as machine
-
-    return machine()
 
 
 def machine_line(machine: dict) -> str:

@@ -43,7 +43,7 @@ from mmengine.config import Config
 from mmengine.runner import Runner
 
 from ...apis import init_base_model, init_patched_model
-from ..demo.evaluate import Evaluation, evaluate, first_difference
+from ...evaluation import Evaluation, evaluate, first_difference
 from ...fileio import write_atomic, write_text_atomic
 from ...patching import delta_disabled, merge_patch
 from ...runner.checkpoint import mmengine_checkpoints

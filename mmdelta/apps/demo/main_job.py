@@ -16,31 +16,21 @@ config and its data), data when the generator's marker matches; patches are trai
 
 from __future__ import annotations
 
-import copy
 import datetime
-import hashlib
-import json
 import os
-import platform
-import shutil
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-from mmengine.config import Config
-
 from ...apis import init_base_model, init_patched_model
-from ...fileio import write_atomic, write_text_atomic
+from ...evaluation import Evaluation, evaluate, first_difference
+from ...machine import describe_machine
 from ...patching import delta_disabled
 from ...runner.cli import build_runner
-from .evaluate import Evaluation, evaluate, first_difference
-from .pictures import plot_curves, side_by_side
+from ...visualization import plot_curves, side_by_side
+from .preparation import base_checkpoint, scalars_file, task_config, write_task_data
 from .report import write_report
-from .stories import SIZES, STORIES, Size, Story, Task
-
-LOADERS = ("train_dataloader", "val_dataloader", "test_dataloader")
+from .stories import SIZES, STORIES, Size, Story
 
 
 def run_main_job(
@@ -61,12 +51,14 @@ def run_main_job(
 
     log(f"== mmdelta main job: {story.title} ({size.name} size) → {out}")
     t = time.perf_counter()
-    roots = {task.name: _write_data(story, task, size, data) for task in (story.base, *story.tasks)}
+    roots = {
+        task.name: write_task_data(story, task, size, data) for task in (story.base, *story.tasks)
+    }
     timings["data"] = time.perf_counter() - t
     log(f"== data ready in {timings['data']:.1f} s: " + ", ".join(roots.values()))
 
-    base_cfg = _task_config(story, story.base, configs, roots[story.base.name], size, out)
-    base = _base_checkpoint(base_cfg, out / "base", roots[story.base.name], retrain_base, log)
+    base_cfg = task_config(story, story.base, configs, roots[story.base.name], size, out)
+    base = base_checkpoint(base_cfg, out / "base", roots[story.base.name], retrain_base, log)
     timings["base_train"] = base["train_seconds"] if not base["cached"] else 0.0
 
     base_model = init_base_model(base_cfg, base["checkpoint"])
@@ -78,7 +70,7 @@ def run_main_job(
 
     results, curves = [], {"base": base["scalars"]}
     for task in story.tasks:
-        cfg = _task_config(story, task, configs, roots[task.name], size, out)
+        cfg = task_config(story, task, configs, roots[task.name], size, out)
         cfg.load_from = base["checkpoint"]
         log(f"== patching task {task.name!r}: {task.title}")
         t = time.perf_counter()
@@ -87,7 +79,7 @@ def run_main_job(
         train_seconds = time.perf_counter() - t
         summary = runner.patch_summary
         patch_file = runner.final_patch_file
-        curves[task.name] = _scalars_file(runner)
+        curves[task.name] = scalars_file(runner)
         del runner
 
         t = time.perf_counter()
@@ -165,7 +157,7 @@ def run_main_job(
         out=str(out),
         metric=story.metric_label,
         date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        machine=_machine(),
+        machine=describe_machine(),
         data={name: root for name, root in roots.items()},
         base=dict(
             metric=base_metric,
@@ -189,91 +181,6 @@ def run_main_job(
 # --------------------------------------------------------------------------- steps
 
 
-def _write_data(story: Story, task: Task, size: Size, data: Path) -> str:
-    root = (
-        data / f"{story.name}_{task.name}"
-        if size.name == "full"
-        else (data / f"{story.name}_{task.name}_{size.name}")
-    )
-    return story.writer(
-        root,
-        task.classes,
-        size.num_train,
-        size.num_test,
-        seed=task.seed,
-        style=task.style,
-        **story.data,
-    )
-
-
-def _task_config(story: Story, task: Task, configs: Path, root: str, size: Size, out: Path):
-    path = configs / task.config
-    if not path.is_file():
-        raise FileNotFoundError(f"config {path} of the {story.name} story's task {task.name!r}")
-    cfg = Config.fromfile(str(path))
-    options = {f"{key}.dataset.data_root": root for key in LOADERS}
-    iters = size.base_iters if task is story.base else size.patch_iters
-    if iters is not None:
-        options.update(
-            {
-                "train_cfg.max_iters": iters,
-                "train_cfg.val_interval": iters,
-                "default_hooks.logger.interval": min(iters, 20),
-            }
-        )
-    cfg.merge_from_dict(options)
-    # mmengine reuses a visualiser instance of the same name: each run gets its own, so its
-    # scalars land in its own work_dir
-    cfg.visualizer.name = f"mmdelta-demo-{story.name}-{task.name}-{uuid.uuid4().hex[:8]}"
-    cfg.work_dir = str(out / ("base/train" if task is story.base else task.name))
-    return cfg
-
-
-def base_key(cfg, data_root: str) -> str:
-    """What a cached base must match: the resolved base config, its data's generator
-    parameters and the torch version."""
-    keyed = copy.deepcopy(cfg)
-    keyed.visualizer.name = ""  # unique per run (see _task_config), not part of the base
-    marker = (Path(data_root) / ".mmdelta-dataset.json").read_text()
-    return hashlib.sha256((keyed.pretty_text + marker + torch.__version__).encode()).hexdigest()
-
-
-def _base_checkpoint(cfg, folder: Path, data_root: str, retrain: bool, log) -> dict:
-    """The cached base (``folder/base.pth``) or a freshly trained one; returns its record."""
-    key = base_key(cfg, data_root)
-    record_file, checkpoint = folder / "base.json", folder / "base.pth"
-    if not retrain and record_file.is_file() and checkpoint.is_file():
-        record = json.loads(record_file.read_text())
-        if record.get("key") == key:
-            log(f"== base: cached {checkpoint} (trained in {record['train_seconds']:.0f} s)")
-            return dict(record, cached=True)
-        log(f"== base: {checkpoint} was trained with another config or data: retraining")
-    for stale in (record_file, checkpoint):
-        stale.unlink(missing_ok=True)
-    shutil.rmtree(folder / "train", ignore_errors=True)  # the previous base run's logs
-    log(f"== base: training {cfg.train_cfg.max_iters} iterations (cached afterwards)")
-    t = time.perf_counter()
-    runner = build_runner(cfg)
-    model = runner.train()
-    seconds = time.perf_counter() - t
-    meta = dict(dataset_meta=dict(runner.train_dataloader.dataset.metainfo))
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    write_atomic(checkpoint, lambda tmp: torch.save(dict(state_dict=state, meta=meta), tmp))
-    record = dict(
-        key=key,
-        checkpoint=str(checkpoint),
-        train_seconds=seconds,
-        scalars=_scalars_file(runner),
-    )
-    write_text_atomic(record_file, json.dumps(record, indent=2))
-    return dict(record, cached=False)
-
-
-def _scalars_file(runner) -> str:
-    """The run's training / validation scalars (mmengine's LocalVisBackend)."""
-    return str(Path(runner.log_dir) / "vis_data" / "scalars.json")
-
-
 def _metric(story: Story, evaluation: Evaluation) -> float:
     if story.metric_key not in evaluation.metrics:
         raise KeyError(
@@ -294,17 +201,6 @@ def _quality(base_metric: float, results: list[dict]) -> dict:
             before=before, before_ok=before <= 0.6, after=after, after_ok=after >= 0.9
         )
     return quality
-
-
-def _machine() -> dict:
-    return dict(
-        platform=platform.platform(),
-        processor=platform.processor() or platform.machine(),
-        cpus=os.cpu_count(),
-        torch_threads=torch.get_num_threads(),
-        python=platform.python_version(),
-        torch=torch.__version__,
-    )
 
 
 def _fmt(value) -> str:
