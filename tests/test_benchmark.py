@@ -240,9 +240,9 @@ def shift_cfg():
 
 
 def _demo_model(cfg):
-    from mmdelta.apis.inference import _build
+    from mmdelta.apis.inference import build_model
 
-    model, _ = _build(copy.deepcopy(cfg), None)
+    model, _ = build_model(copy.deepcopy(cfg), None)
     return model
 
 
