@@ -435,6 +435,25 @@ def test_report_compares_patches_with_the_model_weights_and_draws_the_frontier(t
     assert json.loads((tmp_path / "benchmark.json").read_text())["methods"] == again["methods"]
 
 
+def test_records_name_paths_inside_the_repository_relative_to_it(tmp_path):
+    from mmdelta.apps.benchmark.report import REPO_ROOT, portable_paths
+
+    inside = str(REPO_ROOT / "work_dirs" / "benchmark" / "x" / "config.py")
+    report = dict(
+        setting=dict(checkpoint=inside, task_config="configs/demo/x.py", iterations=8),
+        methods=[dict(work_dir=str(REPO_ROOT / "work_dirs"), new_task=0.5, label="/ not a path")],
+        files=dict(json=str(tmp_path / "benchmark.json")),
+    )
+    record = portable_paths(report)
+    assert record["setting"] == dict(
+        checkpoint="work_dirs/benchmark/x/config.py", task_config="configs/demo/x.py", iterations=8
+    )
+    assert record["methods"] == [dict(work_dir="work_dirs", new_task=0.5, label="/ not a path")]
+    assert record["files"] == report["files"]  # outside the repository: kept as is
+    assert report["setting"]["checkpoint"] == inside  # the report itself is not changed
+    assert portable_paths(dict(a="/work/main/configs/x.py"), "/work/main") == dict(a="configs/x.py")
+
+
 def test_presets_rule_picks_the_cheapest_row_near_full_fine_tuning():
     from mmdelta.apps.benchmark.report import presets
 
