@@ -54,19 +54,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        write_norm_patch(
-            args.config,
-            args.checkpoint,
-            args.images,
-            args.out,
-            name=args.name,
-            max_images=args.max_images,
-            batch_size=args.batch_size,
-            targets=args.targets,
-            exclude=args.exclude,
-            cfg_options=args.cfg_options,
-            force=args.force,
-        )
+        write_norm_patch(**vars(args))  # the flags are its parameters
     except (
         LabelFreeError,
         NoImagesError,

@@ -49,19 +49,12 @@ def main(argv=None) -> int:
     parser.add_argument("--ablations", action="store_true", help="also the ABLATIONS rows")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
-    result = measure(
-        args.device,
-        args.size,
-        args.batch,
-        args.iters,
-        args.warmup,
-        args.rounds,
-        args.precision,
-        args.ablations,
-    )
+    options = vars(args)  # the flags are its parameters, but two
+    json_file, options["precisions"] = options.pop("json"), options.pop("precision")
+    result = measure(**options)
     print(render(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+    if json_file:
+        Path(json_file).write_text(json.dumps(result, indent=1))
     return 0
 
 

@@ -62,20 +62,9 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        failed = export_checked(
-            args.config,
-            args.checkpoint,
-            args.out,
-            patch=args.patch,
-            shape=args.shape,
-            batch=args.batch,
-            static=args.static,
-            fold_preprocess=not args.no_fold_preprocess,
-            opset=args.opset,
-            tol=args.tol,
-            force=args.force,
-            cfg_options=args.cfg_options,
-        )
+        options = vars(args)  # the flags are its parameters, but one
+        fold_preprocess = not options.pop("no_fold_preprocess")
+        failed = export_checked(**options, fold_preprocess=fold_preprocess)
     except ExportError as err:
         raise SystemExit(str(err)) from None
     if failed:

@@ -59,15 +59,8 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        results = run_label_free_gap(
-            args.task,
-            args.max_images,
-            args.batch_size,
-            Path(args.demo_out),
-            Path(args.configs),
-            Path(args.out),
-            args.own_domain_check,
-        )
+        options = vars(args)  # the flags are its parameters
+        results = run_label_free_gap(options.pop("task"), **options)
     except DemoOutputMissing as err:
         raise SystemExit(str(err)) from None
     return 0 if patch_off_identical(results) else 1

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import time
 from collections.abc import Callable, Sequence
@@ -41,22 +42,12 @@ class DemoOutputMissing(FileNotFoundError):
 
 
 def run_label_free_gap(
-    tasks: Sequence[str],
-    max_images: Sequence[int],
-    batch_size: int,
-    demo_out: Path,
-    configs: Path,
-    out: Path,
-    own_domain_check: bool = False,
-    log: Callable[[str], None] = print,
+    tasks: Sequence[str], log: Callable[[str], None] = print, **options
 ) -> list[dict]:
-    """Measures every task of ``tasks`` (:func:`measure`), then logs the table and the
-    machine line; returns the per-task results."""
+    """Measures every task of ``tasks`` (:func:`measure`, given ``options``: its keyword
+    arguments), then logs the table and the machine line; returns the per-task results."""
     start = time.perf_counter()
-    results = [
-        measure(task, max_images, batch_size, demo_out, configs, out, own_domain_check, log)
-        for task in tasks
-    ]
+    results = [measure(task, log=log, **options) for task in tasks]
     log(table(results))
     log(
         f"({_now()}, {platform.machine()}, {torch.get_num_threads()} threads, torch "
@@ -87,9 +78,9 @@ def measure(
     task: str,
     max_images: Sequence[int],
     batch_size: int,
-    demo_out: Path,
-    configs: Path,
-    out: Path,
+    demo_out: str | os.PathLike,
+    configs: str | os.PathLike,
+    out: str | os.PathLike,
     own_domain_check: bool = False,
     log=print,
 ) -> dict:
@@ -100,6 +91,7 @@ def measure(
         DemoOutputMissing: the demo's report or cached base of ``task`` is missing.
     """
     story = STORIES[task]
+    demo_out, configs, out = Path(demo_out), Path(configs), Path(out)
     report, checkpoint = _demo_record(task, demo_out)
     shifted = next(t for t in report["tasks"] if t["task"] == "shifted")
     labelled = shifted["new_task"]["patched"]

@@ -20,7 +20,11 @@ import datetime
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+
+from mmengine.config import Config
+from torch import nn
 
 from ...apis import init_base_model, init_patched_model
 from ...evaluation import Evaluation, evaluate, first_difference
@@ -30,7 +34,21 @@ from ...runner.cli import build_runner
 from ...visualization import plot_curves, side_by_side
 from .preparation import base_checkpoint, scalars_file, task_config, write_task_data
 from .report import write_report
-from .stories import SIZES, STORIES, Size, Story
+from .stories import SIZES, STORIES, Size, Story, Task
+
+
+@dataclass
+class _Base:
+    """The base as every task step needs it: its config, checkpoint record, model, class
+    names and its evaluation on its own task."""
+
+    cfg: Config
+    record: dict
+    model: nn.Module
+    meta: dict
+    evaluation: Evaluation
+    metric: float
+    checkpoint_bytes: int
 
 
 def run_main_job(
@@ -57,100 +75,132 @@ def run_main_job(
     timings["data"] = time.perf_counter() - t
     log(f"== data ready in {timings['data']:.1f} s: " + ", ".join(roots.values()))
 
-    base_cfg = task_config(story, story.base, configs, roots[story.base.name], size, out)
-    base = base_checkpoint(base_cfg, out / "base", roots[story.base.name], retrain_base, log)
-    timings["base_train"] = base["train_seconds"] if not base["cached"] else 0.0
+    base = _prepare_base(story, size, configs, roots, out, retrain_base, log)
+    timings["base_train"] = base.record["train_seconds"] if not base.record["cached"] else 0.0
 
-    base_model = init_base_model(base_cfg, base["checkpoint"])
-    base_meta = dict(base_model.dataset_meta)
-    base_eval = evaluate(base_model, base_cfg)
-    base_metric = _metric(story, base_eval)
-    log(f"== base model on its own task: {story.metric_label} {base_metric:.3f}")
-    checkpoint_bytes = os.path.getsize(base["checkpoint"])
-
-    results, curves = [], {"base": base["scalars"]}
+    results, curves = [], {"base": base.record["scalars"]}
     for task in story.tasks:
         cfg = task_config(story, task, configs, roots[task.name], size, out)
-        cfg.load_from = base["checkpoint"]
-        log(f"== patching task {task.name!r}: {task.title}")
-        t = time.perf_counter()
-        runner = build_runner(cfg)
-        runner.train()
-        train_seconds = time.perf_counter() - t
-        summary = runner.patch_summary
-        patch_file = runner.final_patch_file
-        curves[task.name] = scalars_file(runner)
-        del runner
-
-        t = time.perf_counter()
-        patched = init_patched_model(cfg, base["checkpoint"], patch=patch_file)
-        task_meta = dict(patched.dataset_meta)
-        new_eval = evaluate(patched, cfg)
-        with delta_disabled(patched):
-            off_eval = evaluate(patched, base_cfg)
-        base_on_task = evaluate(base_model, cfg)
-        eval_seconds = time.perf_counter() - t
-        difference = first_difference(base_eval.predictions, off_eval.predictions)
-
-        pictures = []
-        for i, (b, p) in enumerate(
-            zip(base_on_task.predictions, new_eval.predictions, strict=True)
-        ):
-            if i == size.pictures:
-                break
-            pictures.append(
-                side_by_side(
-                    b.img_path,
-                    [
-                        (f"base ({len(base_meta['classes'])} classes)", b, base_meta),
-                        (f"patched: {summary.name}", p, task_meta),
-                    ],
-                    out / "pictures" / f"{task.name}_{i}.png",
-                    task=story.name,
-                )
-            )
-        patch_bytes = os.path.getsize(patch_file)
-        result = dict(
-            task=task.name,
-            title=task.title,
-            classes=list(task_meta["classes"]),
-            base_task=dict(
-                base=base_metric,
-                patched_patch_off=_metric(story, off_eval),
-                identical_predictions=difference is None,
-                first_difference=difference,
-                images=len(base_eval.predictions),
-            ),
-            new_task=dict(
-                base=_metric(story, base_on_task) if task.same_classes else None,
-                patched=_metric(story, new_eval),
-                images=len(new_eval.predictions),
-            ),
-            delta_fraction=summary.delta_fraction,
-            patch_fraction=summary.patch_fraction,
-            delta_params=summary.delta_params,
-            owned_params=summary.owned_params,
-            patch_file=str(patch_file),
-            patch_bytes=patch_bytes,
-            checkpoint_bytes=checkpoint_bytes,
-            patch_to_checkpoint=patch_bytes / checkpoint_bytes,
-            iterations=cfg.train_cfg.max_iters,
-            train_seconds=train_seconds,
-            eval_seconds=eval_seconds,
-            pictures=pictures,
-        )
+        cfg.load_from = base.record["checkpoint"]
+        result, curves[task.name] = _patch_task(story, task, cfg, base, size, out, log)
         results.append(result)
-        log(
-            f"== {task.name}: new task {story.metric_label} "
-            f"{_fmt(result['new_task']['base'])} (base) → {result['new_task']['patched']:.3f} "
-            f"(patched); base task with the patch off {result['base_task']['patched_patch_off']:.3f}"
-            f" (base {base_metric:.3f}), predictions identical: {difference is None}"
-        )
-        del patched
 
     curves_png = plot_curves(curves, out / "pictures" / "curves.png", title=story.title)
     timings["total"] = time.perf_counter() - started
-    report = dict(
+    report = _report(story, size, out, roots, base, results, curves_png, timings)
+    write_report(report, out)
+    log(f"== report: {out / 'report.md'} ({timings['total']:.0f} s)")
+    return report
+
+
+def _prepare_base(story, size, configs, roots, out, retrain_base, log) -> _Base:
+    """The base checkpoint (cached or trained), loaded and evaluated on its own task."""
+    base_cfg = task_config(story, story.base, configs, roots[story.base.name], size, out)
+    record = base_checkpoint(base_cfg, out / "base", roots[story.base.name], retrain_base, log)
+    model = init_base_model(base_cfg, record["checkpoint"])
+    evaluation = evaluate(model, base_cfg)
+    metric = _metric(story, evaluation)
+    log(f"== base model on its own task: {story.metric_label} {metric:.3f}")
+    return _Base(
+        cfg=base_cfg,
+        record=record,
+        model=model,
+        meta=dict(model.dataset_meta),
+        evaluation=evaluation,
+        metric=metric,
+        checkpoint_bytes=os.path.getsize(record["checkpoint"]),
+    )
+
+
+def _patch_task(story: Story, task: Task, cfg, base: _Base, size: Size, out: Path, log):
+    """Trains ``task``'s patch on the base, evaluates it both ways (new task; base task with
+    the patch off, prediction by prediction), draws its pictures; returns the task's result
+    and its training scalars file."""
+    log(f"== patching task {task.name!r}: {task.title}")
+    summary, patch_file, scalars, train_seconds = _train_patch(cfg)
+    t = time.perf_counter()
+    patched = init_patched_model(cfg, base.record["checkpoint"], patch=patch_file)
+    task_meta = dict(patched.dataset_meta)
+    new_eval = evaluate(patched, cfg)
+    with delta_disabled(patched):
+        off_eval = evaluate(patched, base.cfg)
+    base_on_task = evaluate(base.model, cfg)
+    eval_seconds = time.perf_counter() - t
+    del patched
+    difference = first_difference(base.evaluation.predictions, off_eval.predictions)
+    pictures = _pictures(story, task, base, base_on_task, new_eval, task_meta, summary, size, out)
+
+    patch_bytes = os.path.getsize(patch_file)
+    result = dict(
+        task=task.name,
+        title=task.title,
+        classes=list(task_meta["classes"]),
+        base_task=dict(
+            base=base.metric,
+            patched_patch_off=_metric(story, off_eval),
+            identical_predictions=difference is None,
+            first_difference=difference,
+            images=len(base.evaluation.predictions),
+        ),
+        new_task=dict(
+            base=_metric(story, base_on_task) if task.same_classes else None,
+            patched=_metric(story, new_eval),
+            images=len(new_eval.predictions),
+        ),
+        delta_fraction=summary.delta_fraction,
+        patch_fraction=summary.patch_fraction,
+        delta_params=summary.delta_params,
+        owned_params=summary.owned_params,
+        patch_file=str(patch_file),
+        patch_bytes=patch_bytes,
+        checkpoint_bytes=base.checkpoint_bytes,
+        patch_to_checkpoint=patch_bytes / base.checkpoint_bytes,
+        iterations=cfg.train_cfg.max_iters,
+        train_seconds=train_seconds,
+        eval_seconds=eval_seconds,
+        pictures=pictures,
+    )
+    log(
+        f"== {task.name}: new task {story.metric_label} "
+        f"{_fmt(result['new_task']['base'])} (base) → {result['new_task']['patched']:.3f} "
+        f"(patched); base task with the patch off {result['base_task']['patched_patch_off']:.3f}"
+        f" (base {base.metric:.3f}), predictions identical: {difference is None}"
+    )
+    return result, scalars
+
+
+def _train_patch(cfg):
+    """Trains the patch of ``cfg`` (``DeltaRunner``); returns its summary, its file, the
+    run's scalars file and the training time."""
+    t = time.perf_counter()
+    runner = build_runner(cfg)
+    runner.train()
+    seconds = time.perf_counter() - t
+    return runner.patch_summary, runner.final_patch_file, scalars_file(runner), seconds
+
+
+def _pictures(story, task, base: _Base, base_on_task, new_eval, task_meta, summary, size, out):
+    """The first ``size.pictures`` test images under the base's and the patch's predictions."""
+    pictures = []
+    for i, (b, p) in enumerate(zip(base_on_task.predictions, new_eval.predictions, strict=True)):
+        if i == size.pictures:
+            break
+        pictures.append(
+            side_by_side(
+                b.img_path,
+                [
+                    (f"base ({len(base.meta['classes'])} classes)", b, base.meta),
+                    (f"patched: {summary.name}", p, task_meta),
+                ],
+                out / "pictures" / f"{task.name}_{i}.png",
+                task=story.name,
+            )
+        )
+    return pictures
+
+
+def _report(story, size, out, roots, base: _Base, results, curves_png, timings) -> dict:
+    return dict(
         story=story.name,
         title=story.title,
         size=size.name,
@@ -160,22 +210,19 @@ def run_main_job(
         machine=describe_machine(),
         data={name: root for name, root in roots.items()},
         base=dict(
-            metric=base_metric,
-            checkpoint=base["checkpoint"],
-            checkpoint_bytes=checkpoint_bytes,
-            cached=base["cached"],
-            train_seconds=base["train_seconds"],
-            iterations=base_cfg.train_cfg.max_iters,
-            images=len(base_eval.predictions),
+            metric=base.metric,
+            checkpoint=base.record["checkpoint"],
+            checkpoint_bytes=base.checkpoint_bytes,
+            cached=base.record["cached"],
+            train_seconds=base.record["train_seconds"],
+            iterations=base.cfg.train_cfg.max_iters,
+            images=len(base.evaluation.predictions),
         ),
         tasks=results,
-        quality=_quality(base_metric, results),
+        quality=_quality(base.metric, results),
         curves=curves_png,
         seconds=timings,
     )
-    write_report(report, out)
-    log(f"== report: {out / 'report.md'} ({timings['total']:.0f} s)")
-    return report
 
 
 # --------------------------------------------------------------------------- steps
