@@ -39,6 +39,7 @@ class QuickcheckError(ValueError):
 
 
 def build_detector(cfg: Config, seed: int) -> torch.nn.Module:
+    """The mmdet model of ``cfg``, its random initialisation seeded with ``seed``."""
     from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
 
