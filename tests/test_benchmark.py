@@ -14,18 +14,18 @@ from mmengine.config import Config
 from tool_runs import run_tool
 
 from mmdelta.apis import init_base_model, init_patched_model
-from mmdelta.benchmark import BenchmarkError, comparison_methods, interpolate, method_config
-from mmdelta.benchmark.methods import backbone_stages, heads
-from mmdelta.benchmark.report import (
+from mmdelta.apps.benchmark import BenchmarkError, comparison_methods, interpolate, method_config
+from mmdelta.apps.benchmark.methods import backbone_stages, heads
+from mmdelta.apps.benchmark.report import (
     LATENCY_FIELDS,
     METHOD_FIELDS,
     TARGETS,
     TOP_FIELDS,
     recommend,
 )
-from mmdelta.benchmark.run import _set_iterations
-from mmdelta.benchmark.settings import config_file, real_setting
-from mmdelta.demo.evaluate import evaluate, first_difference
+from mmdelta.apps.benchmark.run import _set_iterations
+from mmdelta.apps.benchmark.settings import config_file, real_setting
+from mmdelta.evaluation import evaluate, first_difference
 from mmdelta.patching import apply_delta_patch, delta_disabled
 from mmdelta.patching.config import resolve_config
 
@@ -198,7 +198,7 @@ def test_training_costs_one_process_per_method_and_repeat_in_rotated_order(monke
     """The cost runs' bookkeeping, without their processes (the smoke run above runs one real
     process per method): a child per (method, repeat), the order rotated every repeat, the
     medians over repeats."""
-    from mmdelta.benchmark import costs
+    from mmdelta.apps.benchmark import costs
 
     calls = []
 
@@ -240,9 +240,9 @@ def shift_cfg():
 
 
 def _demo_model(cfg):
-    from mmdelta.apis.inference import _build
+    from mmdelta.apis.inference import build_model
 
-    model, _ = _build(copy.deepcopy(cfg), None)
+    model, _ = build_model(copy.deepcopy(cfg), None)
     return model
 
 

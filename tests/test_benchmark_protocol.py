@@ -13,9 +13,9 @@ from mmengine.config import Config
 from mmengine.dataset import BaseDataset, ConcatDataset, RepeatDataset
 from torch import nn
 
-from mmdelta.benchmark import BenchmarkError, Method
-from mmdelta.benchmark import run as bench
-from mmdelta.benchmark.protocol import (
+from mmdelta.apps.benchmark import BenchmarkError, Method
+from mmdelta.apps.benchmark import run as bench
+from mmdelta.apps.benchmark.protocol import (
     as_test_dataset,
     check_split,
     choose,
@@ -25,9 +25,9 @@ from mmdelta.benchmark.protocol import (
     val_evaluator,
     val_split,
 )
-from mmdelta.benchmark.report import METHOD_FIELDS, PAINT_FIELDS, TARGETS, assemble, rerender
+from mmdelta.apps.benchmark.report import METHOD_FIELDS, PAINT_FIELDS, TARGETS, assemble, rerender
+from mmdelta.apps.demo.stories import STORIES
 from mmdelta.datasets import TrainValSplit, image_key, in_validation, write_voc_dataset
-from mmdelta.demo.stories import STORIES
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_SHIFT = ROOT / "configs/demo/det_shapes_shifted.py"
@@ -139,7 +139,7 @@ def test_demo_data_split_is_disjoint_from_the_fit_part_and_the_test_set(demo_cfg
     again = check_split(demo_cfg, val_split(demo_cfg, 0.3, seed=0), "demo")
     assert again.val_paths == split.val_paths
     # fit ∩ val = ∅ and val ∩ test = ∅ on the built datasets
-    from mmdelta.benchmark.protocol import _build, _paths
+    from mmdelta.apps.benchmark.protocol import _build, _paths
 
     fit = set(_build(split.fit_dataset, "mmdet").image_paths())
     test = set(_paths(_build(demo_cfg.test_dataloader.dataset, "mmdet")))
@@ -421,7 +421,7 @@ def test_report_compares_patches_with_the_model_weights_and_draws_the_frontier(t
         and t["paint_dominates"]["value"] == 0
     )
 
-    from mmdelta.benchmark.report import write_outputs
+    from mmdelta.apps.benchmark.report import write_outputs
 
     write_outputs(report, tmp_path)
     md = (tmp_path / "benchmark.md").read_text()
@@ -435,8 +435,27 @@ def test_report_compares_patches_with_the_model_weights_and_draws_the_frontier(t
     assert json.loads((tmp_path / "benchmark.json").read_text())["methods"] == again["methods"]
 
 
+def test_records_name_paths_inside_the_repository_relative_to_it(tmp_path):
+    from mmdelta.apps.benchmark.report import REPO_ROOT, portable_paths
+
+    inside = str(REPO_ROOT / "work_dirs" / "benchmark" / "x" / "config.py")
+    report = dict(
+        setting=dict(checkpoint=inside, task_config="configs/demo/x.py", iterations=8),
+        methods=[dict(work_dir=str(REPO_ROOT / "work_dirs"), new_task=0.5, label="/ not a path")],
+        files=dict(json=str(tmp_path / "benchmark.json")),
+    )
+    record = portable_paths(report)
+    assert record["setting"] == dict(
+        checkpoint="work_dirs/benchmark/x/config.py", task_config="configs/demo/x.py", iterations=8
+    )
+    assert record["methods"] == [dict(work_dir="work_dirs", new_task=0.5, label="/ not a path")]
+    assert record["files"] == report["files"]  # outside the repository: kept as is
+    assert report["setting"]["checkpoint"] == inside  # the report itself is not changed
+    assert portable_paths(dict(a="/work/main/configs/x.py"), "/work/main") == dict(a="configs/x.py")
+
+
 def test_presets_rule_picks_the_cheapest_row_near_full_fine_tuning():
-    from mmdelta.benchmark.report import presets
+    from mmdelta.apps.benchmark.report import presets
 
     def row(id_, new, step, mem=0.5, merged=0.95, fraction=0.02, family="delta"):
         return dict(

@@ -15,8 +15,8 @@ import cv2
 import pytest
 import torch
 
-from mmdelta.demo.evaluate import evaluate, first_difference
-from mmdelta.demo.report import TASK_FIELDS
+from mmdelta.apps.demo.report import TASK_FIELDS
+from mmdelta.evaluation import evaluate, first_difference
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -161,19 +161,19 @@ def test_first_difference_finds_one_changed_score_or_label():
 
 @pytest.mark.parametrize("task", ["det", "seg"])
 def test_base_cache_key_is_stable_across_runs_and_follows_config_and_data(task, tmp_path):
-    from mmdelta.demo.main_job import _task_config, _write_data, base_key
-    from mmdelta.demo.stories import SIZES, STORIES
+    from mmdelta.apps.demo.preparation import base_key, task_config, write_task_data
+    from mmdelta.apps.demo.stories import SIZES, STORIES
 
     story, tiny = STORIES[task], SIZES["tiny"]
-    root = _write_data(story, story.base, tiny, tmp_path / "data")
+    root = write_task_data(story, story.base, tiny, tmp_path / "data")
 
     def key(**options):
-        cfg = _task_config(story, story.base, ROOT / "configs/demo", root, tiny, tmp_path)
+        cfg = task_config(story, story.base, ROOT / "configs/demo", root, tiny, tmp_path)
         cfg.merge_from_dict(options)
         return base_key(cfg, root)
 
     assert key() == key()  # each run's config differs only in its visualiser's name
     assert key() != key(**{"train_cfg.max_iters": 3})
-    other = _write_data(story, story.tasks[0], tiny, tmp_path / "data")
-    cfg = _task_config(story, story.base, ROOT / "configs/demo", root, tiny, tmp_path)
+    other = write_task_data(story, story.tasks[0], tiny, tmp_path / "data")
+    cfg = task_config(story, story.base, ROOT / "configs/demo", root, tiny, tmp_path)
     assert base_key(cfg, root) != base_key(cfg, other)

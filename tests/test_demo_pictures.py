@@ -10,7 +10,7 @@ from mmdet.structures import DetDataSample
 from mmengine.structures import InstanceData, PixelData
 from mmseg.structures import SegDataSample
 
-from mmdelta.demo.pictures import GAP, TITLE_HEIGHT, plot_curves, side_by_side
+from mmdelta.visualization import GAP, TITLE_HEIGHT, plot_curves, side_by_side
 
 BASE_META = {"classes": ("square", "disc", "bar")}
 PATCH_META = {"classes": ("triangle", "ring", "cross"), "palette": []}  # empty palette

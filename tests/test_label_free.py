@@ -9,7 +9,7 @@ saved patch reloads onto a fresh base; errors leave the model as it was.
 """
 
 import copy
-import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +42,7 @@ from mmdelta.label_free import (
     list_images,
     stats_layers,
     unlabelled_loader,
+    write_norm_patch,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -280,13 +281,6 @@ def test_errors_name_the_problem_and_leave_the_model_as_it_was(det, tmp_path):
     assert patch_names(model) == ["adabn"] and active_patch(model) == "adabn"
 
 
-def _tool():
-    spec = importlib.util.spec_from_file_location("adapt_norm", ROOT / "tools/adapt_norm.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_tool_end_to_end_and_its_errors(det, tmp_path, capsys):
     out = tmp_path / "patches" / "env.safetensors"
     common = ["--config", str(DET_CONFIG), "--checkpoint", str(det["ckpt"])]
@@ -319,13 +313,14 @@ def test_tool_end_to_end_and_its_errors(det, tmp_path, capsys):
         for key in ("running_mean", "running_var", "weight", "bias"):
             torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-6)
 
-    tool = _tool()
-    # no overwrite without --force; with --force (and files instead of a folder) it replaces
+    # what the tool calls, in this process: no overwrite without force; with force (and
+    # files instead of a folder) it replaces
+    given = dict(config=DET_CONFIG, checkpoint=det["ckpt"])
     files = [str(f) for f in list_images(det["images"])[:2]]
-    assert tool.main([*common, "--images", *files, "--out", str(out)]) == 2
-    assert "exists; pass --force" in capsys.readouterr().err
+    with pytest.raises(FileExistsError, match="exists; pass --force"):
+        write_norm_patch(**given, images=files, out=out)
     first = out.read_bytes()
-    assert tool.main([*common, "--images", *files, "--out", str(out), "--force"]) == 0
+    assert write_norm_patch(**given, images=files, out=out, force=True) == out
     assert "on 2 unlabelled image(s)" in capsys.readouterr().out
     # replaced by the second run's patch (statistics of 2 other images; the file size may
     # differ: safetensors pads its JSON header to 8 bytes)
@@ -335,13 +330,12 @@ def test_tool_end_to_end_and_its_errors(det, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     other = tmp_path / "other.safetensors"
-    assert tool.main([*common, "--images", str(empty), "--out", str(other)]) == 2
-    assert f"image folder {empty} holds no" in capsys.readouterr().err
-    assert tool.main([*common, "--images", str(tmp_path / "nope"), "--out", str(other)]) == 2
-    assert "no image file or folder at" in capsys.readouterr().err
-    argv = [*common, "--images", str(det["images"]), "--out", str(other), "--targets", "neck"]
-    assert tool.main(argv) == 2
-    assert "no normalisation layer with running statistics" in capsys.readouterr().err
+    with pytest.raises(NoImagesError, match=re.escape(f"image folder {empty} holds no")):
+        write_norm_patch(**given, images=[empty], out=other)
+    with pytest.raises(FileNotFoundError, match="no image file or folder at"):
+        write_norm_patch(**given, images=[tmp_path / "nope"], out=other)
+    with pytest.raises(LabelFreeError, match="no normalisation layer with running statistics"):
+        write_norm_patch(**given, images=[det["images"]], out=other, targets=["neck"])
     assert not other.exists()
 
 

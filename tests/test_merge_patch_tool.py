@@ -9,7 +9,6 @@ A ``BlockDelta`` patch is refused, and existing outputs are kept without ``--for
 """
 
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -23,7 +22,9 @@ from mmengine.config import Config
 from mmengine.registry import MODELS, init_default_scope
 
 from mmdelta import LowRankDelta, PatchOwned, apply_delta_patch, save_patch
+from mmdelta.deploy.standalone import write_standalone
 from mmdelta.exactness import flat_tensors
+from mmdelta.patching import PatchFileError
 from mmdelta.patching.slot import iter_slots
 
 REPO = Path(__file__).resolve().parents[1]
@@ -327,47 +328,42 @@ def test_block_delta_patch_is_refused(tmp_path):
     assert not out.parent.exists() or not list(out.parent.iterdir())
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location("merge_patch_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_existing_output_kept_without_force(seg_case, tmp_path, capsys):
-    tool = load_tool()
+def test_existing_output_kept_without_force(seg_case, tmp_path):
     out = tmp_path / "standalone.pth"
     out.write_bytes(b"an earlier checkpoint")
-    args = [str(SEG_CONFIG), str(seg_case.base), str(seg_case.patch), "--out", str(out)]
-    assert tool.main(args) == 1
-    err = capsys.readouterr().err
+    inputs = (SEG_CONFIG, seg_case.base, seg_case.patch, out)
+    with pytest.raises(FileExistsError) as refused:  # what the tool calls, in this process
+        write_standalone(*inputs)
+    err = str(refused.value)
     assert str(out) in err and "exists" in err and "--force" in err, err
     assert out.read_bytes() == b"an earlier checkpoint"
     assert not out.with_suffix(".py").exists()
     # the config alone existing also blocks the write
     out.unlink()
     out.with_suffix(".py").write_text("# mine\n")
-    assert tool.main(args) == 1
+    with pytest.raises(FileExistsError):
+        write_standalone(*inputs)
     assert not out.exists() and out.with_suffix(".py").read_text() == "# mine\n"
     out.write_bytes(b"an earlier checkpoint")
-    assert tool.main([*args, "--force"]) == 0
+    write_standalone(*inputs, overwrite=True)
     assert out.read_bytes() != b"an earlier checkpoint"
     assert "mmdelta" not in out.with_suffix(".py").read_text()
     assert torch.load(out, weights_only=True)["meta"]["dataset_meta"]["classes"] == SEG_NEW
 
 
 @pytest.mark.parametrize("missing", ["config", "base checkpoint", "patch file"])
-def test_missing_input_is_named(seg_case, tmp_path, capsys, missing):
+def test_missing_input_is_named(seg_case, tmp_path, missing):
     inputs = {"config": SEG_CONFIG, "base checkpoint": seg_case.base, "patch file": seg_case.patch}
     inputs[missing] = tmp_path / "nowhere.bin"
     out = tmp_path / "standalone.pth"
-    assert load_tool().main([*map(str, inputs.values()), "--out", str(out)]) == 1
-    err = capsys.readouterr().err
+    with pytest.raises(FileNotFoundError) as refused:
+        write_standalone(*inputs.values(), out)
+    err = str(refused.value)
     assert f"{missing} '{tmp_path / 'nowhere.bin'}' does not exist" in err, err
     assert not list(tmp_path.iterdir())
 
 
-def test_patch_for_another_base_is_refused(seg_case, tmp_path, capsys):
+def test_patch_for_another_base_is_refused(seg_case, tmp_path):
     """A base checkpoint with other weights than the patch was trained on: load_patch's
     PatchFileError is the tool's message, and nothing is written."""
     checkpoint = torch.load(seg_case.base, weights_only=True)
@@ -375,8 +371,8 @@ def test_patch_for_another_base_is_refused(seg_case, tmp_path, capsys):
     other = tmp_path / "other_base.pth"
     torch.save(checkpoint, other)
     out = tmp_path / "out" / "standalone.pth"
-    args = [str(SEG_CONFIG), str(other), str(seg_case.patch), "--out", str(out)]
-    assert load_tool().main(args) == 1
-    err = capsys.readouterr().err
+    with pytest.raises(PatchFileError) as refused:
+        write_standalone(SEG_CONFIG, other, seg_case.patch, out)
+    err = str(refused.value)
     assert "other base weights" in err and str(seg_case.patch) in err, err
     assert not out.exists() and not out.with_suffix(".py").exists()

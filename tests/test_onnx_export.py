@@ -15,7 +15,6 @@ decoding amplifies the regression errors (``exp`` of the size deltas); labels eq
 """
 
 import copy
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +35,7 @@ from mmdelta import (
     merge_patch,
     save_patch,
 )
+from mmdelta.deploy.checked_export import ExportError, export_checked
 from mmdelta.deploy.onnx import (
     PatchedModelError,
     check_onnx,
@@ -276,23 +276,14 @@ def test_patched_model_is_refused(retinanet, tmp_path):
         export_onnx(retinanet.merged, retinanet.path, (1, 3, 64, 64))
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location(
-        "export_onnx_tool", REPO / "tools" / "export_onnx.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_cli_refuses_a_patch_it_cannot_merge(seg, tmp_path):
+def test_export_refuses_a_patch_it_cannot_merge(seg, tmp_path):
     model = build_from_config("e2e_seg_tiny")
     apply_delta_patch(model, dict(name="blk", branch=dict(type="BlockDelta", width=8)))
     patch_file = save_patch(model, tmp_path / "blk.safetensors")
     out = tmp_path / "blk.onnx"
-    argv = [str(CONFIGS / "e2e_seg_tiny.py"), str(seg.checkpoint), "--patch", str(patch_file)]
-    with pytest.raises(SystemExit, match="BlockDelta") as err:
-        load_tool().main([*argv, "--out", str(out), "--shape", "64", "64"])
+    inputs = [CONFIGS / "e2e_seg_tiny.py", seg.checkpoint]
+    with pytest.raises(ExportError, match="BlockDelta") as err:
+        export_checked(*inputs, out, patch=str(patch_file), shape=(64, 64))
     assert "cannot export" in str(err.value) and "blk" in str(err.value)
     assert not out.exists()
 
@@ -325,9 +316,9 @@ def test_cli_end_to_end(seg):
     outputs = run_onnx(out, img)
     logits = torch.stack([s.seg_logits.data for s in seg.expected])
     assert rel_error(outputs["seg_logits"], logits) <= TOL
-    # an existing file is kept without --force (the tool refuses before it builds anything:
-    # checked in this process, the same main() as above)
+    # an existing file is kept without --force (refused before anything is built: checked
+    # in this process, the function the tool calls)
     stamp = out.stat().st_mtime_ns
-    with pytest.raises(SystemExit, match="exists; pass --force to replace it"):
-        load_tool().main(cmd[2:])
+    with pytest.raises(ExportError, match="exists; pass --force to replace it"):
+        export_checked(CONFIGS / "e2e_seg_tiny.py", seg.checkpoint, out, seg.patch_file)
     assert out.stat().st_mtime_ns == stamp

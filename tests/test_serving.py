@@ -7,9 +7,9 @@ bitwise: the references are upstream ``DetInferencer`` runs on ``init_base_model
 ``init_patched_model`` with one patch (``patched_inferencer``).
 """
 
-import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -27,8 +27,8 @@ from mmdelta.apis import init_base_model, patched_inferencer
 from mmdelta.apis.serving import MultiPatchInferencer, ServingError
 from mmdelta.datasets.images import NoImagesError
 from mmdelta.datasets.synthetic import write_voc_dataset
-from mmdelta.demo.evaluate import first_difference
-from mmdelta.demo.pictures import GAP, MIN_SHORT_SIDE, TITLE_HEIGHT
+from mmdelta.evaluation import first_difference
+from mmdelta.visualization import GAP, MIN_SHORT_SIDE, TITLE_HEIGHT
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "configs" / "e2e_det_voc_tiny.py"
@@ -182,13 +182,6 @@ def test_multi_patch_inferencer_matches_base_and_each_patch(served, tmp_path):
     assert patch_names(server.model) == ["shift", "newcls"]
 
 
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_infer_tool_cli(served, tmp_path):
     before = sorted(p.name for p in served["images"].iterdir())
     out_dir = tmp_path / "cli"
@@ -213,22 +206,22 @@ def test_infer_tool_cli(served, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cli"]  # nothing outside out-dir
 
 
-def test_errors_name_what_to_fix(served, tmp_path, capsys):
-    infer = _tool("infer")
-    common = ["--config", str(served["config"]), "--checkpoint", str(served["base"])]
-    image = str(next(served["images"].iterdir()))
+def test_errors_name_what_to_fix(served, tmp_path):
+    base, config = served["base"], served["config"]
+    image = next(served["images"].iterdir())
     missing = tmp_path / "nope.safetensors"
-    assert infer.main([image, *common, "--patch", str(missing), "--out-dir", str(tmp_path)]) == 2
-    assert f"patch file '{missing}' does not exist" in capsys.readouterr().err
-    assert infer.main([image, *common, "--patch", str(served["shift"]), "--patch",
-                       str(served["shift"]), "--out-dir", str(tmp_path / "o")]) == 2  # fmt: skip
-    assert "two patches are named 'shift'" in capsys.readouterr().err
-    assert infer.main([str(tmp_path / "no.jpg"), *common, "--patch", str(served["shift"]),
-                       "--out-dir", str(tmp_path / "o")]) == 2  # fmt: skip
-    assert f"no image file or folder at {tmp_path / 'no.jpg'}" in capsys.readouterr().err
+    with pytest.raises(
+        FileNotFoundError, match=re.escape(f"patch file '{missing}' does not exist")
+    ):
+        MultiPatchInferencer(config, base, [str(missing)])
+    with pytest.raises(
+        FileNotFoundError, match=re.escape(f"no image file or folder at {tmp_path / 'no.jpg'}")
+    ):
+        MultiPatchInferencer(config, base, [served["shift"]])(
+            tmp_path / "no.jpg", out_dir=tmp_path / "o"
+        )
     assert not (tmp_path / "o").exists()
 
-    base, config = served["base"], served["config"]
     with pytest.raises(ServingError, match="two patches are named 'shift'"):
         MultiPatchInferencer(config, base, [served["shift"], served["shift"]])
     with pytest.raises(FileNotFoundError, match="config file"):

@@ -16,28 +16,20 @@ writes the patch atomically. Use it like any patch::
 
 An existing ``--out`` is replaced only with ``--force``. Exit status 2 with a message that
 names the problem for: a missing or empty image folder, a model without BatchNorm layers
-under the targets, a bad checkpoint or config.
+under the targets, a bad checkpoint or config. The logic is
+``mmdelta.label_free.write_norm_patch``.
 """
 
 import argparse
 import sys
-import time
 import warnings
-from pathlib import Path
 
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated")  # mmengine 0.10.7
 
-from mmengine.config import Config, DictAction
+from mmengine.config import DictAction
 
-from mmdelta import DeltaPatchConfigError, save_patch
-from mmdelta.apis import init_base_model
-from mmdelta.label_free import (
-    LabelFreeError,
-    NoImagesError,
-    adapt_norm_stats,
-    list_images,
-    stats_layers,
-)
+from mmdelta import DeltaPatchConfigError
+from mmdelta.label_free import LabelFreeError, NoImagesError, write_norm_patch
 from mmdelta.runner.checkpoint import CheckpointError
 
 
@@ -59,53 +51,10 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def run(args) -> Path:
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise FileExistsError(f"{out} exists; pass --force to replace it")
-    if out.is_dir():
-        raise IsADirectoryError(f"--out {out} is a folder; name the patch file to write")
-    if args.max_images is not None and args.max_images < 1:
-        raise ValueError(f"--max-images must be ≥ 1, got {args.max_images}")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be ≥ 1, got {args.batch_size}")
-    files = list_images(args.images)  # fails fast, before the model is built
-    if args.max_images is not None:
-        files = files[: args.max_images]
-    if not Path(args.config).is_file():
-        raise FileNotFoundError(f"config file {args.config} does not exist")
-    if not Path(args.checkpoint).is_file():
-        raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist")
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
-    model = init_base_model(cfg, args.checkpoint)
-    layers = stats_layers(model, args.targets, args.exclude)
-    start = time.perf_counter()
-    name = adapt_norm_stats(
-        model,
-        files,
-        name=args.name,
-        targets=args.targets,
-        exclude=args.exclude,
-        cfg=cfg,
-        batch_size=args.batch_size,
-    )
-    seconds = time.perf_counter() - start
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_patch(model, out, name, overwrite=args.force)
-    print(
-        f"adapt_norm: patch {name!r}: running statistics of {len(layers)} normalisation "
-        f"layer(s) re-estimated on {len(files)} unlabelled image(s) in {seconds:.1f} s -> "
-        f"{out} ({out.stat().st_size:,} bytes)"
-    )
-    return out
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        run(args)
+        write_norm_patch(**vars(args))  # the flags are its parameters
     except (
         LabelFreeError,
         NoImagesError,

@@ -160,12 +160,12 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.rerender:
-        from mmdelta.benchmark.report import rerender
+        from mmdelta.apps.benchmark.report import rerender
 
         print(Path(rerender(args.rerender)["files"]["markdown"]).read_text())
         return 0
-    from mmdelta.benchmark import BenchmarkError, Options, run_benchmark
-    from mmdelta.benchmark.settings import embedded_setting, real_setting
+    from mmdelta.apps.benchmark import BenchmarkError, Options, run_benchmark
+    from mmdelta.apps.benchmark.settings import embedded_setting, real_setting
     from mmdelta.datasets.paths import DatasetPathError
     from mmdelta.patching import DeltaPatchConfigError
 

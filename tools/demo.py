@@ -38,7 +38,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from mmdelta.demo.main_job import run_main_job
+    from mmdelta.apps.demo.main_job import run_main_job
 
     report = run_main_job(
         args.task,

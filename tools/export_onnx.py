@@ -14,26 +14,19 @@ map), detectors up to their dense head (see that module for inputs, outputs and 
 axes). Then onnxruntime (CPU) runs the file on a random image batch of the export shape and
 the errors against PyTorch are printed; exit status 1 when an output's max abs error
 exceeds ``--tol`` times that output's max |value|, or more than 0.1 % of a label map
-differs (pixels whose top two logits nearly tie).
+differs (pixels whose top two logits nearly tie). The logic is
+``mmdelta.deploy.checked_export``.
 """
 
 import argparse
 import sys
 import warnings
-from pathlib import Path
 
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated")  # mmengine 0.10.7
 
-import torch
 from mmengine.config import DictAction
 
-from mmdelta import active_patch, merge_patch, patch_classes
-from mmdelta.apis import init_base_model, init_patched_model
-from mmdelta.apis.inference import PatchNotFoundError
-from mmdelta.deploy.onnx import check_onnx, export_onnx
-
-#: label-map pixels allowed to differ (near-ties of the top two logits on random images)
-MAX_LABEL_MISMATCH = 1e-3
+from mmdelta.deploy.checked_export import ExportError, export_checked
 
 
 def parse_args(argv=None):
@@ -66,85 +59,17 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def build(args):
-    """The merged (plain) model and a description of what it is."""
-    try:
-        model = init_patched_model(
-            args.config, args.checkpoint, args.patch, "cpu", args.cfg_options
-        )
-    except PatchNotFoundError:
-        model = init_base_model(args.config, args.checkpoint, "cpu", args.cfg_options)
-        return model, dict(
-            patch=None, classes=(model.__dict__.get("dataset_meta") or {}).get("classes")
-        )
-    name = active_patch(model)
-    classes = patch_classes(model, name) or (model.__dict__.get("dataset_meta") or {}).get(
-        "classes"
-    )
-    try:
-        merged = merge_patch(model, name)
-    except ValueError as err:
-        raise SystemExit(f"cannot export {args.patch or args.checkpoint}: {err}") from None
-    return merged.eval(), dict(patch=name, classes=list(classes) if classes else None)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if Path(args.out).exists() and not args.force:
-        raise SystemExit(f"{args.out} exists; pass --force to replace it")
-    model, about = build(args)
-    if args.shape:
-        height, width = args.shape
-    else:
-        size = getattr(model.data_preprocessor, "size", None)
-        height, width = tuple(size) if size else (512, 512)
-    shape = (args.batch, 3, height, width)
-    print(
-        f"exporting {type(model).__name__} ("
-        + (f"patch {about['patch']!r} merged" if about["patch"] else "base, no patch")
-        + f") traced at {shape}"
-    )
-    path = export_onnx(
-        model,
-        args.out,
-        shape,
-        opset=args.opset,
-        dynamic=not args.static,
-        fold_preprocess=not args.no_fold_preprocess,
-        overwrite=args.force,
-        metadata=dict(
-            config=str(args.config),
-            checkpoint=str(args.checkpoint),
-            patch_file=args.patch,
-            patch=about["patch"],
-            classes=about["classes"],
-        ),
-    )
-    print(f"wrote {path} ({path.stat().st_size:,} bytes)")
-
-    gen = torch.Generator().manual_seed(0)
-    inputs = torch.rand(shape, generator=gen)
-    if not args.no_fold_preprocess:
-        inputs = inputs * 255  # raw image values
-    errors = check_onnx(model, path, inputs)
-    print(f"onnxruntime (CPUExecutionProvider) vs PyTorch on a random {tuple(shape)} batch:")
-    worst, mismatched = 0.0, 0.0
-    for name, err in errors.items():
-        if "mismatched" in err:  # a label map: differences only where logits nearly tie
-            print(f"  {name:<20} mismatched {err['mismatched']:.4%}")
-            mismatched = max(mismatched, err["mismatched"])
-        else:
-            print(f"  {name:<20} max abs {err['max_abs']:.3g}  rel {err['rel']:.3g}")
-            worst = max(worst, err["rel"])
-    failed = []
-    if worst > args.tol:
-        failed.append(f"max relative error {worst:.3g} > --tol {args.tol:g}")
-    if mismatched > MAX_LABEL_MISMATCH:
-        failed.append(f"{mismatched:.4%} of the label map differs (> {MAX_LABEL_MISMATCH:.2%})")
+    try:
+        options = vars(args)  # the flags are its parameters, but one
+        fold_preprocess = not options.pop("no_fold_preprocess")
+        failed = export_checked(**options, fold_preprocess=fold_preprocess)
+    except ExportError as err:
+        raise SystemExit(str(err)) from None
     if failed:
         print(f"FAILED: {'; '.join(failed)}", file=sys.stderr)
         return 1
-    print(f"OK: max relative error {worst:.3g} <= {args.tol:g}")
     return 0
 
 

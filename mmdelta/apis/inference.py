@@ -34,7 +34,7 @@ def _config(config) -> Config:
     return copy.deepcopy(config)
 
 
-def _build(config, cfg_options: dict | None) -> tuple[nn.Module, Config]:
+def build_model(config, cfg_options: dict | None) -> tuple[nn.Module, Config]:
     """The config's model, built un-initialised for a checkpoint (no ImageNet download)."""
     cfg = _config(config)
     if cfg_options:
@@ -64,7 +64,7 @@ def init_base_model(
     checked (missing, unexpected or mis-shaped keys raise ``CheckpointError``) and the file
     is read with ``weights_only``. Δ tensors in the checkpoint are ignored.
     """
-    model, _ = _build(config, cfg_options)
+    model, _ = build_model(config, cfg_options)
     _load_base(model, checkpoint, None)
     return model.to(device).eval()
 
@@ -91,7 +91,7 @@ def init_patched_model(
             ``init_model`` for the plain base.
         CheckpointError, PatchFileError, DeltaPatchConfigError: as their messages say.
     """
-    model, cfg = _build(config, cfg_options)
+    model, cfg = build_model(config, cfg_options)
     patch_cfg = cfg.get("delta_patch")
     delta = _load_base(model, checkpoint, patch_cfg if patch is None else None)
     if patch is not None:

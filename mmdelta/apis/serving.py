@@ -14,7 +14,7 @@ With ``out_dir`` it writes, atomically (``mmdelta.fileio``) and only under ``out
 
 * ``vis/<image stem>.png``: the image under the base's and each patch's predictions side
   by side, each panel titled with the model's name and drawn with its own class names
-  (:func:`mmdelta.demo.pictures.side_by_side`);
+  (:func:`mmdelta.visualization.side_by_side`);
 * ``results.json``: per image, per model, the predictions (detection: boxes, scores,
   labels and class names above ``score_thr``; segmentation: per-class pixel counts and
   the path of the label map);
@@ -35,13 +35,11 @@ import numpy as np
 import torch
 from mmengine.config import Config
 
-# side_by_side lives with the demo's report pictures; it is the one drawing routine for
-# "base and patches side by side, each with its own class names", so it is reused here.
 from ..datasets.images import list_images
-from ..demo.pictures import side_by_side
 from ..fileio import write_bytes_atomic, write_text_atomic
 from ..patching import active_patch, load_patch, patch_classes, set_active_patch
 from ..patching.files import read_patch_file
+from ..visualization import side_by_side  # the one drawing routine, shared with the demo
 from .inference import inferencer_class, init_base_model
 
 BASE = "base"  # the base model's key in results (patches are under "patches")

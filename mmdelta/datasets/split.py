@@ -79,7 +79,8 @@ def _leaf(dataset, idx: int):
     return dataset, idx
 
 
-def _identity(info: dict) -> str:
+def sample_identity(info: dict) -> str:
+    """What identifies a data sample's image: the first of ``IDENTITY_KEYS`` it has."""
     for key in IDENTITY_KEYS:
         if info.get(key) is not None:
             return str(info[key])
@@ -136,7 +137,7 @@ class TrainValSplit(Dataset):
         """The split identity of sample ``idx`` of the inner dataset."""
         leaf, _ = _leaf(self.dataset, idx)
         return image_key(
-            _identity(self.dataset.get_data_info(idx)), getattr(leaf, "data_root", None)
+            sample_identity(self.dataset.get_data_info(idx)), getattr(leaf, "data_root", None)
         )
 
     def image_paths(self) -> list[str]:
@@ -144,7 +145,7 @@ class TrainValSplit(Dataset):
         self.full_init()
         seen: dict[str, None] = {}
         for i in self.indices:
-            seen.setdefault(_identity(self.dataset.get_data_info(i)), None)
+            seen.setdefault(sample_identity(self.dataset.get_data_info(i)), None)
         return list(seen)
 
     def get_data_info(self, idx: int) -> dict:

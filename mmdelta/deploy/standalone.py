@@ -31,7 +31,7 @@ from mmengine.fileio import dump
 from mmengine.logging import print_log
 from mmengine.registry import HOOKS
 
-from ..apis.inference import _build, init_patched_model
+from ..apis.inference import build_model, init_patched_model
 from ..fileio import write_atomic, write_text_atomic
 from ..patching import delta_disabled, merge_patch, patch_classes
 from ..patching.classes import CLASS_COUNT_ATTRS
@@ -252,7 +252,7 @@ def _config_text(cfg: Config, path: Path) -> str:
 def _check_config_builds(text: str, suffix: str, state: dict, what: str) -> None:
     """The model the written config builds takes ``state`` with every key and shape."""
     try:
-        built, _ = _build(Config.fromstring(text, suffix), None)
+        built, _ = build_model(Config.fromstring(text, suffix), None)
         load_base_state(built, state, what)
     except Exception as err:
         raise StandaloneError(

@@ -2,7 +2,8 @@
 
 :func:`adapt_norm_stats` (AdaBN as a patch): the patch owns the base's BatchNorm layers and
 holds their running statistics re-estimated on the new images; no labels, no gradients,
-the base untouched. ``tools/adapt_norm.py`` is its command line; ``tools/label_free_gap.py``
+the base untouched. :func:`write_norm_patch` writes one as a file from a config, a
+checkpoint and images (``tools/adapt_norm.py`` is its command line); ``tools/label_free_gap.py``
 measures it on the main job's appearance-shift tasks.
 """
 
@@ -14,6 +15,7 @@ from .norm_stats import (
     stats_layers,
     unlabelled_loader,
 )
+from .patch_file import write_norm_patch
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -24,4 +26,5 @@ __all__ = [
     "list_images",
     "stats_layers",
     "unlabelled_loader",
+    "write_norm_patch",
 ]

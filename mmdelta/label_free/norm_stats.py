@@ -285,17 +285,7 @@ def adapt_norm_stats(
     """
     if max_images is not None and max_images < 1:
         raise ValueError(f"max_images must be ≥ 1, got {max_images}")
-    if isinstance(data, str | os.PathLike) or (
-        isinstance(data, Sequence) and data and all(isinstance(d, str | os.PathLike) for d in data)
-    ):
-        cfg = cfg if cfg is not None else getattr(model, "cfg", None)
-        if cfg is None:
-            raise ValueError(
-                "adapt_norm_stats: image files need a config to read them with (its test "
-                "pipeline): pass cfg=... (models from init_base_model carry theirs)"
-            )
-        data = unlabelled_loader(cfg, data, batch_size=batch_size, max_images=max_images)
-
+    data = _as_batches(model, data, cfg, batch_size, max_images)
     layers = stats_layers(model, targets, exclude)
     patch_cfg = dict(
         name=name,
@@ -310,24 +300,8 @@ def adapt_norm_stats(
         copies = [(path, layer, layer._modules["delta"][name]) for path, layer in layers]
         moments = {path: _ChannelMoments() for path, _, _ in copies}
         images, batches = _statistics_pass(model, data, copies, moments, max_images)
-        if images == 0:
-            raise LabelFreeError("no images: the data given to adapt_norm_stats is empty")
-        unreached = [path for path, m in moments.items() if m.n == 0]
-        if unreached:
-            raise LabelFreeError(
-                f"{len(unreached)} targeted normalisation layer(s) got no input in the "
-                f"forward pass (mode='tensor'), e.g. {unreached[:5]}: leave them out with "
-                "exclude=[...]"
-            )
-        with torch.no_grad():
-            for path, _, branch in copies:
-                own = branch.tensors()
-                m = moments[path]
-                own["running_mean"].copy_(m.mean.to(own["running_mean"].dtype))
-                own["running_var"].copy_(m.var().to(own["running_var"].dtype))
-                if own.get("num_batches_tracked") is not None:
-                    own["num_batches_tracked"].fill_(batches)
-                branch.clear_cache()
+        _check_every_layer_reached(images, moments)
+        _store_statistics(copies, moments, batches)
         if _base_tensor_versions(model) != before:
             changed = [k for k, v in _base_tensor_versions(model).items() if before.get(k) != v]
             raise RuntimeError(f"adapt_norm_stats changed base tensors {changed[:5]}")  # a bug
@@ -340,6 +314,48 @@ def adapt_norm_stats(
     model.train(was_training)  # the guard puts the patch's copies back in this mode
     set_active_patch(model, name if activate else was_active)
     return name
+
+
+def _as_batches(model: nn.Module, data, cfg, batch_size: int, max_images: int | None):
+    """``data`` as data batches: a folder or image files are read through the test pipeline
+    of ``cfg`` (default ``model.cfg``); batches are passed through."""
+    if isinstance(data, str | os.PathLike) or (
+        isinstance(data, Sequence) and data and all(isinstance(d, str | os.PathLike) for d in data)
+    ):
+        cfg = cfg if cfg is not None else getattr(model, "cfg", None)
+        if cfg is None:
+            raise ValueError(
+                "adapt_norm_stats: image files need a config to read them with (its test "
+                "pipeline): pass cfg=... (models from init_base_model carry theirs)"
+            )
+        data = unlabelled_loader(cfg, data, batch_size=batch_size, max_images=max_images)
+    return data
+
+
+def _check_every_layer_reached(images: int, moments: dict) -> None:
+    """Refuses an empty pass, or one that left a targeted layer without input."""
+    if images == 0:
+        raise LabelFreeError("no images: the data given to adapt_norm_stats is empty")
+    unreached = [path for path, m in moments.items() if m.n == 0]
+    if unreached:
+        raise LabelFreeError(
+            f"{len(unreached)} targeted normalisation layer(s) got no input in the "
+            f"forward pass (mode='tensor'), e.g. {unreached[:5]}: leave them out with "
+            "exclude=[...]"
+        )
+
+
+def _store_statistics(copies, moments: dict, batches: int) -> None:
+    """Writes each layer's input moments into the patch's copy as its running statistics."""
+    with torch.no_grad():
+        for path, _, branch in copies:
+            own = branch.tensors()
+            m = moments[path]
+            own["running_mean"].copy_(m.mean.to(own["running_mean"].dtype))
+            own["running_var"].copy_(m.var().to(own["running_var"].dtype))
+            if own.get("num_batches_tracked") is not None:
+                own["num_batches_tracked"].fill_(batches)
+            branch.clear_cache()
 
 
 def _statistics_pass(model, data, copies, moments, max_images) -> tuple[int, int]:

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..deploy.standalone import standalone_config
-from ..patching.config import resolve_config
+from ...deploy.standalone import standalone_config
+from ...patching.config import resolve_config
 
 #: top-level children that are not heads
 NOT_HEADS = ("backbone", "neck", "data_preprocessor")
@@ -123,12 +123,20 @@ def comparison_methods(
         )
     default = dict(default)
     resolved = resolve_config(model, default)
+    return [
+        *_alternatives(default, resolved, model, ft_lr, baseline_rank),
+        *_placement_variants(default, resolved["targets"], model, placements),
+        *_branch_variants(default, resolved["branch"], branch_types, ranks),
+    ]
+
+
+def _alternatives(default, resolved, model, ft_lr, baseline_rank) -> list[Method]:
+    """Full fine-tuning, head only, norm only, LoRA-conv and Δ-Patching (default and fast)."""
     keep = {k: default[k] for k in ("name", "classes", "base_classes", "class_map") if k in default}
     head_names = heads(model)
     everything = ["backbone", *(["neck"] if hasattr(model, "neck") else []), *head_names]
     norm = resolved["task_norm"] or "stats"
-
-    methods = [
+    return [
         Method("full_ft", "full_ft", "full fine-tuning", None, lr=ft_lr),
         Method(
             "head_only",
@@ -162,43 +170,52 @@ def comparison_methods(
         ),
     ]
 
-    branch = resolved["branch"]
-    targets = resolved["targets"]
-    if placements:
-        if "backbone" not in targets:
-            raise BenchmarkError(
-                f"placement variants replace the default's 'backbone' target by stages, but its "
-                f"targets are {targets}; pass --placements '' or add 'backbone'"
-            )
-        stages = backbone_stages(model)
-        rest = [t for t in targets if t != "backbone"]
-        for where in placements:
-            changes = {}
-            if where == "none":
-                new_targets, label = rest, "no Δ in the backbone"
-                # the default's task norms sit in the backbone (necks and heads rarely have any)
-                changes["task_norm"] = False
-            else:
-                k = int(where)
-                if not 1 <= k <= len(stages):
-                    raise BenchmarkError(
-                        f"placement {where!r}: the backbone has stages 1–{len(stages)}"
-                    )
-                chosen = [p for stage in stages[k - 1 :] for p in stage]
-                new_targets = chosen + rest
-                label = f"Δ in stages {k}–{len(stages)}" if k < len(stages) else f"Δ in stage {k}"
-            if not new_targets:
-                continue
-            methods.append(
-                Method(
-                    f"delta_stages_{where}",
-                    "delta",
-                    label,
-                    _patch(default, targets=new_targets, **changes),
-                    axis="placement",
-                    value=label,
+
+def _placement_variants(default, targets, model, placements) -> list[Method]:
+    """The default with Δ in later backbone stages only, or none in the backbone."""
+    if not placements:
+        return []
+    if "backbone" not in targets:
+        raise BenchmarkError(
+            f"placement variants replace the default's 'backbone' target by stages, but its "
+            f"targets are {targets}; pass --placements '' or add 'backbone'"
+        )
+    stages = backbone_stages(model)
+    rest = [t for t in targets if t != "backbone"]
+    methods = []
+    for where in placements:
+        changes = {}
+        if where == "none":
+            new_targets, label = rest, "no Δ in the backbone"
+            # the default's task norms sit in the backbone (necks and heads rarely have any)
+            changes["task_norm"] = False
+        else:
+            k = int(where)
+            if not 1 <= k <= len(stages):
+                raise BenchmarkError(
+                    f"placement {where!r}: the backbone has stages 1–{len(stages)}"
                 )
+            chosen = [p for stage in stages[k - 1 :] for p in stage]
+            new_targets = chosen + rest
+            label = f"Δ in stages {k}–{len(stages)}" if k < len(stages) else f"Δ in stage {k}"
+        if not new_targets:
+            continue
+        methods.append(
+            Method(
+                f"delta_stages_{where}",
+                "delta",
+                label,
+                _patch(default, targets=new_targets, **changes),
+                axis="placement",
+                value=label,
             )
+        )
+    return methods
+
+
+def _branch_variants(default, branch, branch_types, ranks) -> list[Method]:
+    """The default with another branch type, or its low-rank branch at other ranks."""
+    methods = []
     for type_ in branch_types:
         if branch is not None and type_ == branch["type"]:
             continue

@@ -1,4 +1,5 @@
-"""Pictures for the demo report: predictions side by side, and training curves.
+"""Pictures of predictions side by side, and training curves (used by serving, the demo
+and the benchmark).
 
 * :func:`side_by_side` draws one test image under several models' predictions (the base
   and its patches, each with its own class names) with the upstream OpenMMLab
@@ -25,7 +26,7 @@ import cv2
 import numpy as np
 import torch
 
-from ..fileio import write_bytes_atomic
+from .fileio import write_bytes_atomic
 
 MIN_SHORT_SIDE = 384  # small images are upscaled to this before drawing: legible labels
 TITLE_HEIGHT = 36

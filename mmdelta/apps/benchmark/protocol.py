@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..datasets.split import TrainValSplit
+from ...datasets.split import TrainValSplit
 from .methods import BenchmarkError
 
 #: imported by every benchmark training config (TrainValSplit's registration)
@@ -146,13 +146,13 @@ def _build(dataset_cfg, scope: str):
 
 
 def _paths(dataset) -> list[str]:
-    from ..datasets.split import _identity
+    from ...datasets.split import sample_identity
 
     if hasattr(dataset, "full_init"):
         dataset.full_init()
     seen: dict[str, None] = {}
     for i in range(len(dataset)):
-        seen.setdefault(_identity(dataset.get_data_info(i)), None)
+        seen.setdefault(sample_identity(dataset.get_data_info(i)), None)
     return list(seen)
 
 

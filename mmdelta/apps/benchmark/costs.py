@@ -88,8 +88,8 @@ def measure_training(config: str, steps: int, warmup: int) -> dict:
     ``peak_memory_bytes``."""
     from mmengine.config import Config
 
-    from ..runner.checkpoint import mmengine_checkpoints
-    from ..runner.cli import build_runner
+    from ...runner.checkpoint import mmengine_checkpoints
+    from ...runner.cli import build_runner
 
     cfg = Config.fromfile(config)
     iters = warmup + steps
@@ -158,7 +158,7 @@ def _child(config: str, steps: int, warmup: int) -> dict:
     command = [
         sys.executable,
         "-m",
-        "mmdelta.benchmark.costs",
+        "mmdelta.apps.benchmark.costs",
         config,
         "--steps",
         str(steps),

@@ -42,12 +42,12 @@ import torch
 from mmengine.config import Config
 from mmengine.runner import Runner
 
-from ..apis import init_base_model, init_patched_model
-from ..demo.evaluate import Evaluation, evaluate, first_difference
-from ..fileio import write_atomic, write_text_atomic
-from ..patching import delta_disabled, merge_patch
-from ..runner.checkpoint import mmengine_checkpoints
-from ..runner.cli import build_runner
+from ...apis import init_base_model, init_patched_model
+from ...evaluation import Evaluation, evaluate, first_difference
+from ...fileio import write_atomic, write_text_atomic
+from ...patching import delta_disabled, merge_patch
+from ...runner.checkpoint import mmengine_checkpoints
+from ...runner.cli import build_runner
 from .costs import inference_latency, training_costs
 from .methods import BenchmarkError, Method, comparison_methods, method_config
 from .paint import ALPHAS, interpolate
@@ -166,12 +166,54 @@ def run_benchmark(
     ``frontier.png`` / ``val_split.txt``; returns the report."""
     out = Path(out)
     started = time.perf_counter()
-    task_cfg, base_cfg = setting.task_cfg, setting.base_cfg
+    splits = _prepare_splits(setting, options, out, log)
+    base_model, exact_cfg, base_exact, key, base_scores = _score_base(setting, log)
+    methods, top = _select_methods(setting.task_cfg, base_model, options)
+
+    ctx = Context(
+        setting=setting,
+        out=out,
+        options=options,
+        key=key,
+        splits=splits,
+        base_model=base_model,
+        exact_cfg=exact_cfg,
+        base_exact=base_exact,
+        latency_batches=_batches(setting.task_cfg, options.latency_images),
+        log=log,
+    )
+    rows = [
+        evaluate_method(m, ctx, seeds=max(1, options.seeds) if m.id in top else 1) for m in methods
+    ]
+    full = next(r for r in rows if r["family"] == "full_ft")
+
+    paint = []
+    if options.paint and setting.same_classes:
+        ft_state = init_base_model(_cfg_of(full), full["checkpoint"]).state_dict()
+        paint = _paint(setting, key, ft_state, log)
+    costs = _costs_and_equal_time(rows, methods, top, full, ctx)
+
+    report = assemble(
+        setting=_setting_record(ctx, full, top),
+        base=base_scores,
+        rows=rows,
+        costs=costs,
+        paint=paint,
+        date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        seconds=time.perf_counter() - started,
+    )
+    write_outputs(report, out)
+    log(f"== benchmark written to {out} ({report['seconds']:.0f} s)")
+    return report
+
+
+def _prepare_splits(setting: Setting, options: Options, out: Path, log) -> dict[str, Split]:
+    """Sets every method's iterations (``options.iterations``), splits the new task's
+    training set into fit / val and writes ``val_split.txt``."""
     if options.iterations:
-        _set_iterations(task_cfg, options.iterations)
+        _set_iterations(setting.task_cfg, options.iterations)
         if setting.finetune_cfg is not None:
             _set_iterations(setting.finetune_cfg, options.iterations)
-
     splits = _splits(setting, options)
     task_split = splits["task"]
     log(
@@ -181,7 +223,13 @@ def run_benchmark(
     )
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "val_split.txt", "".join(f"{p}\n" for p in task_split.val_paths))
+    return splits
 
+
+def _score_base(setting: Setting, log):
+    """The base model, where its patch-off predictions are compared (and its predictions
+    there), the metric key and the base's scores on both tasks."""
+    task_cfg, base_cfg = setting.task_cfg, setting.base_cfg
     base_model = init_base_model(base_cfg or task_cfg, setting.checkpoint)
     exact_cfg = base_cfg or task_cfg  # where patch-off predictions are compared with the base
     base_exact = evaluate(base_model, exact_cfg)
@@ -195,7 +243,12 @@ def run_benchmark(
         f"== base: base task {_fmt(base_scores['base_task'])}, new task "
         f"{_fmt(base_scores['new_task'])} ({key})"
     )
+    return base_model, exact_cfg, base_exact, key, base_scores
 
+
+def _select_methods(task_cfg, base_model, options: Options) -> tuple[list[Method], list[str]]:
+    """The methods to run (``options.methods``; full fine-tuning always) and the top rows
+    among them."""
     methods = comparison_methods(
         task_cfg,
         base_model,
@@ -212,29 +265,13 @@ def run_benchmark(
             )
         methods = [m for m in methods if m.id in options.methods or m.id == "full_ft"]
     top = [i for i in options.top_rows if any(m.id == i for m in methods)]
+    return methods, top
 
-    ctx = Context(
-        setting=setting,
-        out=out,
-        options=options,
-        key=key,
-        splits=splits,
-        base_model=base_model,
-        exact_cfg=exact_cfg,
-        base_exact=base_exact,
-        latency_batches=_batches(task_cfg, options.latency_images),
-        log=log,
-    )
-    rows = [
-        evaluate_method(m, ctx, seeds=max(1, options.seeds) if m.id in top else 1) for m in methods
-    ]
-    full = next(r for r in rows if r["family"] == "full_ft")
 
-    paint = []
-    if options.paint and setting.same_classes:
-        ft_state = init_base_model(_cfg_of(full), full["checkpoint"]).state_dict()
-        paint = _paint(setting, key, ft_state, log)
-
+def _costs_and_equal_time(rows, methods, top, full, ctx: Context) -> dict:
+    """Each row's training cost (step time, peak memory) and the top rows' equal-time runs;
+    returns the costs."""
+    options, log = ctx.options, ctx.log
     costs = {}
     if options.cost_repeats > 0:
         configs = {r["id"]: r["config"] for r in rows}
@@ -249,50 +286,46 @@ def run_benchmark(
         for row in rows:
             if row["id"] in top:
                 row["equal_time"] = equal_time_run(by_id[row["id"]], row, full, costs, ctx)
+    return costs
 
-    report = assemble(
-        setting=dict(
-            name=setting.name,
-            title=setting.title,
-            metric=key,
-            metric_label=setting.metric_label or key,
-            checkpoint=setting.checkpoint,
-            checkpoint_bytes=os.path.getsize(setting.checkpoint),
-            model_bytes=model_bytes(base_model),
-            task_config=task_cfg.filename,
-            base_config=base_cfg.filename if base_cfg is not None else None,
-            iterations=task_cfg.train_cfg.get("max_iters"),
-            ft_lr=full["lr"],
-            ft_lr_grid=[p["lr"] for p in full["lr_sweep"]],
-            lr_scales=list(options.lr_scales),
-            split=dict(
-                val_fraction=options.val_fraction,
-                seed=options.split_seed,
-                images=dict(task_split.images),
-                val_list=str(out / "val_split.txt"),
-                selection="validation",
-            ),
-            seeds=options.seeds,
-            top_rows=top,
-            equal_time=dict(enabled=options.equal_time, cap=options.equal_time_cap),
-            cost=dict(
-                repeats=options.cost_repeats,
-                steps=options.cost_steps,
-                warmup=options.cost_warmup,
-                latency_images=len(ctx.latency_batches),
-                latency_repeats=options.latency_repeats,
-            ),
+
+def _setting_record(ctx: Context, full: dict, top: list[str]) -> dict:
+    """The report's ``setting``: what was compared and how."""
+    setting, options = ctx.setting, ctx.options
+    task_cfg, base_cfg = setting.task_cfg, setting.base_cfg
+    task_split = ctx.splits["task"]
+    return dict(
+        name=setting.name,
+        title=setting.title,
+        metric=ctx.key,
+        metric_label=setting.metric_label or ctx.key,
+        checkpoint=setting.checkpoint,
+        checkpoint_bytes=os.path.getsize(setting.checkpoint),
+        model_bytes=model_bytes(ctx.base_model),
+        task_config=task_cfg.filename,
+        base_config=base_cfg.filename if base_cfg is not None else None,
+        iterations=task_cfg.train_cfg.get("max_iters"),
+        ft_lr=full["lr"],
+        ft_lr_grid=[p["lr"] for p in full["lr_sweep"]],
+        lr_scales=list(options.lr_scales),
+        split=dict(
+            val_fraction=options.val_fraction,
+            seed=options.split_seed,
+            images=dict(task_split.images),
+            val_list=str(ctx.out / "val_split.txt"),
+            selection="validation",
         ),
-        base=base_scores,
-        rows=rows,
-        costs=costs,
-        paint=paint,
-        date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        seconds=time.perf_counter() - started,
+        seeds=options.seeds,
+        top_rows=top,
+        equal_time=dict(enabled=options.equal_time, cap=options.equal_time_cap),
+        cost=dict(
+            repeats=options.cost_repeats,
+            steps=options.cost_steps,
+            warmup=options.cost_warmup,
+            latency_images=len(ctx.latency_batches),
+            latency_repeats=options.latency_repeats,
+        ),
     )
-    write_outputs(report, out)
-    log(f"== benchmark written to {out} ({report['seconds']:.0f} s)")
-    return report
 
 
 # --------------------------------------------------------------------------- protocol

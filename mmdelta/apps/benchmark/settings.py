@@ -9,8 +9,8 @@ from pathlib import Path
 
 from mmengine.config import Config
 
-from ..datasets.paths import DEFAULT_LOADERS, check_dataset_paths
-from ..demo.main_job import _base_checkpoint, _task_config, _write_data
+from ...datasets.paths import DEFAULT_LOADERS, check_dataset_paths
+from ..demo.preparation import base_checkpoint, task_config, write_task_data
 from ..demo.stories import SIZES, STORIES
 from .methods import BenchmarkError
 from .run import Setting
@@ -30,10 +30,10 @@ def embedded_setting(
     st, sz = STORIES[story], SIZES[size]
     configs, data, base_dir = Path(configs), Path(data), Path(base_dir)
     task = next(t for t in st.tasks if t.same_classes)
-    roots = {t.name: _write_data(st, t, sz, data) for t in (st.base, task)}
-    base_cfg = _task_config(st, st.base, configs, roots[st.base.name], sz, base_dir)
-    base = _base_checkpoint(base_cfg, base_dir / "base", roots[st.base.name], False, log)
-    task_cfg = _task_config(st, task, configs, roots[task.name], sz, base_dir)
+    roots = {t.name: write_task_data(st, t, sz, data) for t in (st.base, task)}
+    base_cfg = task_config(st, st.base, configs, roots[st.base.name], sz, base_dir)
+    base = base_checkpoint(base_cfg, base_dir / "base", roots[st.base.name], False, log)
+    task_cfg = task_config(st, task, configs, roots[task.name], sz, base_dir)
     task_cfg.load_from = base["checkpoint"]
     return Setting(
         name=f"{st.name}_{task.name}",

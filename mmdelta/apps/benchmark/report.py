@@ -7,6 +7,9 @@ patch files are compared with the base model's weights (its state dict's tensors
 whatever checkpoint file held them. Every lr was chosen on the validation split; the test
 set scored the chosen runs only. The targets are the project's; a missed target is
 reported, never tuned away.
+
+Paths inside the repository are recorded relative to it (:func:`portable_paths`), so a
+committed record does not carry the machine it ran on.
 """
 
 from __future__ import annotations
@@ -16,9 +19,13 @@ import os
 import textwrap
 from pathlib import Path
 
-from ..fileio import write_atomic, write_text_atomic
+from ...fileio import write_atomic, write_text_atomic
+from ...machine import describe_machine
 
 #: fields of every method row in benchmark.json (the smoke test checks each)
+#: what recorded paths are relative to: the repository holding this package
+REPO_ROOT = Path(__file__).resolve().parents[3]
+
 METHOD_FIELDS = (
     "id",
     "family",
@@ -173,7 +180,7 @@ def assemble(setting, base, rows, costs, paint, date, seconds) -> dict:
         point["retention"] = _ratio(point["base_task"], base["base_task"])
     report = dict(
         setting=setting,
-        machine=_machine(),
+        machine=describe_machine(),
         date=date,
         seconds=seconds,
         base=base,
@@ -305,12 +312,6 @@ def rerender(out: str | os.PathLike) -> dict:
     return report
 
 
-def _machine() -> dict:
-    from ..demo.main_job import _machine as machine
-
-    return machine()
-
-
 def machine_line(machine: dict) -> str:
     return (
         f"{machine['processor']}, {machine['cpus']} CPUs, {machine['torch_threads']} torch "
@@ -333,9 +334,26 @@ def write_outputs(report: dict, out: str | os.PathLike) -> dict:
     )
     plot_tradeoff(report, out / "tradeoff.png")
     plot_frontier(report, out / "frontier.png")
-    write_text_atomic(out / "benchmark.md", render_markdown(report))
-    write_text_atomic(out / "benchmark.json", json.dumps(report, indent=2) + "\n")
+    record = portable_paths(report)
+    write_text_atomic(out / "benchmark.md", render_markdown(record))
+    write_text_atomic(out / "benchmark.json", json.dumps(record, indent=2) + "\n")
     return report["files"]
+
+
+def portable_paths(value, root: str | os.PathLike = REPO_ROOT):
+    """A copy of ``value`` (a report, or any JSON value) in which every absolute path
+    inside ``root`` (default: the repository) is relative to ``root``: the record names
+    ``work_dirs/benchmark/...``, not the machine it ran on. Other strings are kept."""
+    if isinstance(value, dict):
+        return {key: portable_paths(item, root) for key, item in value.items()}
+    if isinstance(value, list):
+        return [portable_paths(item, root) for item in value]
+    if isinstance(value, str) and os.path.isabs(value):
+        root = Path(os.path.abspath(root))
+        path = Path(os.path.abspath(value))
+        if path.is_relative_to(root):
+            return path.relative_to(root).as_posix()
+    return value
 
 
 def _f(value, digits=3, suffix=""):

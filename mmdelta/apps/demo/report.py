@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from ..fileio import write_text_atomic
+from ...fileio import write_text_atomic
 
 #: fields every task row of report.json carries (tests check them)
 TASK_FIELDS = (

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..datasets.synthetic import write_seg_dataset, write_voc_dataset
+from ...datasets.synthetic import write_seg_dataset, write_voc_dataset
 
 
 @dataclass(frozen=True)
