@@ -1,4 +1,5 @@
-"""The import graph of the ``mmdelta`` package, read from its source (nothing is imported).
+"""The imports of the ``mmdelta`` package, read from its source (nothing is imported):
+per file (``tests/test_layers.py``) and as a module graph (``tests/test_imports.py``).
 
 Every ``import`` / ``from … import`` statement of every module counts, at any depth (a
 function-level import is an edge too: it only hides a cycle, it does not remove it).
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGE = "mmdelta"
+PACKAGE = ROOT / "mmdelta"
 
 
 @dataclass(frozen=True)
@@ -24,51 +25,51 @@ class Import:
     names: tuple[str, ...]
 
 
-def modules(root: Path = ROOT) -> dict[str, Path]:
-    """Dotted module name -> file, for every module of the package (``pkg`` for
-    ``pkg/__init__.py``)."""
-    out = {}
-    for path in sorted((root / PACKAGE).rglob("*.py")):
-        parts = list(path.relative_to(root).with_suffix("").parts)
-        if parts[-1] == "__init__":
-            parts.pop()
-        out[".".join(parts)] = path
-    return out
+def module_name(path: Path, package: Path = PACKAGE) -> str:
+    """``mmdelta.x.y`` of ``package/x/y.py`` (``mmdelta.x`` of ``package/x/__init__.py``)."""
+    parts = [package.name, *path.relative_to(package).with_suffix("").parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _absolute(module: str, is_package: bool, level: int, name: str | None) -> str:
-    base = module.split(".") if is_package else module.split(".")[:-1]
-    if level > 1:
-        base = base[: len(base) - (level - 1)]
-    return ".".join([*base, name] if name else base)
+def modules(package: Path = PACKAGE) -> dict[str, Path]:
+    """Dotted module name -> file, for every module of the package."""
+    return {module_name(path, package): path for path in sorted(package.rglob("*.py"))}
 
 
-def imports(root: Path = ROOT) -> list[Import]:
-    """Every import of a package module, resolved to absolute names."""
-    known = modules(root)
+def file_imports(path: Path, package: Path = PACKAGE):
+    """``(line, imported module, imported names)`` of every import in ``path``, relative
+    imports resolved to absolute module names (names are ``()`` for ``import x``)."""
+    tree = ast.parse(path.read_text(), str(path))
+    here = module_name(path, package).split(".")
+    if path.name != "__init__.py":
+        here = here[:-1]  # a module's relative imports start from its package
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name, ()
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = here[: len(here) - (node.level - 1)]
+                module = ".".join([*base, node.module] if node.module else base)
+            else:
+                module = node.module or ""
+            yield node.lineno, module, tuple(alias.name for alias in node.names)
+
+
+def imports(package: Path = PACKAGE) -> list[Import]:
+    """Every import of a package module by another, as graph edges: ``from pkg import
+    name`` points at ``pkg.name`` when that is a module, else at ``pkg``."""
+    known = modules(package)
     found = []
     for module, path in known.items():
-        is_package = path.name == "__init__.py"
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.Import):
-                for alias in node.names:
-                    if alias.name.split(".")[0] == PACKAGE:
-                        found.append(Import(module, node.lineno, alias.name, ()))
-            elif isinstance(node, ast.ImportFrom):
-                target = (
-                    _absolute(module, is_package, node.level, node.module)
-                    if node.level
-                    else node.module or ""
-                )
-                if target.split(".")[0] != PACKAGE:
-                    continue
-                names = tuple(alias.name for alias in node.names)
-                submodules = [f"{target}.{n}" for n in names if f"{target}.{n}" in known]
-                for sub in submodules:
-                    found.append(Import(module, node.lineno, sub, ()))
-                rest = tuple(n for n in names if f"{target}.{n}" not in known)
-                if rest or not submodules:
-                    found.append(Import(module, node.lineno, target, rest))
+        for line, target, names in file_imports(path, package):
+            if target.split(".")[0] != package.name:
+                continue
+            submodules = [f"{target}.{n}" for n in names if f"{target}.{n}" in known]
+            found += [Import(module, line, sub, ()) for sub in submodules]
+            rest = tuple(n for n in names if f"{target}.{n}" not in known)
+            if rest or not submodules:
+                found.append(Import(module, line, target, rest))
     return found
 
 

@@ -11,38 +11,10 @@ See ``docs/architecture.md``.
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
-
-PACKAGE = Path(__file__).resolve().parents[1] / "mmdelta"
-
-
-def module_name(path: Path, package: Path = PACKAGE) -> str:
-    """``mmdelta.x.y`` of ``package/x/y.py`` (``mmdelta.x`` of ``package/x/__init__.py``)."""
-    parts = [package.name, *path.relative_to(package).with_suffix("").parts]
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def imports(path: Path, package: Path = PACKAGE):
-    """``(line, imported module, imported names)`` of every import in ``path``, relative
-    imports resolved to absolute module names (names are ``()`` for ``import x``)."""
-    tree = ast.parse(path.read_text(), str(path))
-    here = module_name(path, package).split(".")
-    if path.name != "__init__.py":
-        here = here[:-1]  # a module's relative imports start from its package
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            for alias in node.names:
-                yield node.lineno, alias.name, ()
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = here[: len(here) - (node.level - 1)]
-                module = ".".join([*base, node.module] if node.module else base)
-            else:
-                module = node.module or ""
-            yield node.lineno, module, tuple(alias.name for alias in node.names)
+from import_graph import PACKAGE, file_imports, module_name
 
 
 def part(module: str) -> str | None:
@@ -61,7 +33,7 @@ def layer_violations(package: Path = PACKAGE) -> list[str]:
     for path in sorted(package.rglob("*.py")):
         rel = path.relative_to(package.parent).as_posix()
         mine = part(module_name(path, package))
-        for line, module, names in imports(path, package):
+        for line, module, names in file_imports(path, package):
             target = part(module)
             if target is None:
                 continue

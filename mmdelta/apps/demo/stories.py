@@ -9,7 +9,7 @@ same code path (tests).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ...datasets.synthetic import write_seg_dataset, write_voc_dataset
 
@@ -49,36 +49,33 @@ class Story:
 SHAPES = ("square", "disc", "bar")
 NEW_SHAPES = ("triangle", "ring", "cross")
 
+
+def _tasks(prefix: str) -> tuple[Task, tuple[Task, ...]]:
+    """The base task and the two patching tasks of every story; configs
+    ``<prefix>_shapes_<task>.py``."""
+    base = Task("base", "base task: dark shapes on light backgrounds", "", SHAPES, seed=0)
+    shifted = Task(
+        "shifted", "appearance shift: light shapes on coloured clutter", "", SHAPES, 1, "shifted"
+    )
+    new = Task(
+        "newclasses", "new classes: triangle, ring, cross", "", NEW_SHAPES, 2, same_classes=False
+    )
+    base, shifted, new = (
+        replace(task, config=f"{prefix}_shapes_{task.name}.py") for task in (base, shifted, new)
+    )
+    return base, (shifted, new)
+
+
+_DET_BASE, _DET_TASKS = _tasks("det")
+_SEG_BASE, _SEG_TASKS = _tasks("seg")
+
 STORIES = {
     "det": Story(
         name="det",
         title="Faster R-CNN (ResNet-18 FPN) on generated VOC-layout data",
         writer=write_voc_dataset,
-        base=Task(
-            "base",
-            "base task: dark shapes on light backgrounds",
-            "det_shapes_base.py",
-            SHAPES,
-            seed=0,
-        ),
-        tasks=(
-            Task(
-                "shifted",
-                "appearance shift: light shapes on coloured clutter",
-                "det_shapes_shifted.py",
-                SHAPES,
-                seed=1,
-                style="shifted",
-            ),
-            Task(
-                "newclasses",
-                "new classes: triangle, ring, cross",
-                "det_shapes_newclasses.py",
-                NEW_SHAPES,
-                seed=2,
-                same_classes=False,
-            ),
-        ),
+        base=_DET_BASE,
+        tasks=_DET_TASKS,
         metric_key="pascal_voc/mAP",
         metric_label="mAP@0.5",
         metric_scale=1.0,
@@ -93,31 +90,8 @@ STORIES = {
         name="seg",
         title="Semantic FPN (ResNetV1c-18) on generated mmseg-layout data",
         writer=write_seg_dataset,
-        base=Task(
-            "base",
-            "base task: dark shapes on light backgrounds",
-            "seg_shapes_base.py",
-            SHAPES,
-            seed=0,
-        ),
-        tasks=(
-            Task(
-                "shifted",
-                "appearance shift: light shapes on coloured clutter",
-                "seg_shapes_shifted.py",
-                SHAPES,
-                seed=1,
-                style="shifted",
-            ),
-            Task(
-                "newclasses",
-                "new classes: triangle, ring, cross",
-                "seg_shapes_newclasses.py",
-                NEW_SHAPES,
-                seed=2,
-                same_classes=False,
-            ),
-        ),
+        base=_SEG_BASE,
+        tasks=_SEG_TASKS,
         metric_key="mIoU",
         metric_label="mIoU",
         metric_scale=0.01,
