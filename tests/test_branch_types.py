@@ -359,10 +359,18 @@ def test_every_registered_branch_type_has_a_kind_and_mergeable_follows_it():
 
 
 def test_delta_branches_is_a_scoped_child_of_the_root_model_registry():
-    from mmengine.registry import MODELS
+    from mmengine.registry import MODELS, DefaultScope
 
     assert DELTA_BRANCHES.parent is MODELS and DELTA_BRANCHES.scope == "mmdelta"
     assert MODELS.children["mmdelta"] is DELTA_BRANCHES
+
     conv = nn.Conv2d(4, 6, 3)
     branch = MODELS.build(dict(type="mmdelta.ScaleShiftDelta", layer=conv))
     assert isinstance(branch, ScaleShiftDelta)
+    # an mmdet / mmseg default scope (set by their runners) does not hide the branch types
+    for scope in ("mmdet", "mmseg", None):
+        with DefaultScope.overwrite_default_scope(scope):
+            branch = DELTA_BRANCHES.build(dict(type="ScaleShiftDelta", layer=conv))
+            assert isinstance(branch, ScaleShiftDelta), scope
+            block = MODELS.build(dict(type="mmdelta.BlockDelta", layer=DetBasicBlock(8, 8)))
+            assert isinstance(block, BlockDelta), scope
