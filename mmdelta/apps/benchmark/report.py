@@ -395,11 +395,29 @@ def _step_ratio(row):
 
 
 def render_markdown(report: dict) -> str:
+    """``benchmark.md``: the setting and protocol, the main table, then one section each for
+    the lr sweep, the seeds, the Δ variants, PAINT, the targets and the recommendation."""
+    sections = (
+        _md_header,
+        _md_main_table,
+        _md_lr_sweep,
+        _md_seeds,
+        _md_variants,
+        _md_paint,
+        _md_targets,
+        _md_recommendation,
+    )
+    lines = [line for section in sections for line in section(report)]
+    lines += ["", "![trade-off](tradeoff.png)", "", "![frontier](frontier.png)", ""]
+    return "\n".join(lines)
+
+
+def _md_header(report: dict) -> list[str]:
     s, base = report["setting"], report["base"]
     split = s.get("split") or {}
     images = split.get("images") or {}
     weights = s.get("model_bytes")
-    lines = [
+    return [
         f"# Benchmark: {s['title']}",
         "",
         f"{report['date']} · {machine_line(report['machine'])} · {report['seconds'] / 60:.0f} min",
@@ -437,6 +455,11 @@ def render_markdown(report: dict) -> str:
         )
         + f"; latency: median over {s['cost']['latency_images']} images × "
         f"{s['cost']['latency_repeats']}, batch 1.",
+    ]
+
+
+def _md_main_table(report: dict) -> list[str]:
+    lines = [
         "",
         "| method | lr | val | new task | ×full FT | new task at equal wall-clock "
         "| base task (retention) | patch off = base | Δ fraction | patch fraction "
@@ -461,7 +484,11 @@ def render_markdown(report: dict) -> str:
             f"{_step_ratio(r)} | {_x(r['peak_memory_ratio'])} | "
             f"{_x(lat.get('unmerged_ratio'))} | {_x(lat.get('merged_ratio'))} |"
         )
-    lines += [
+    return lines
+
+
+def _md_lr_sweep(report: dict) -> list[str]:
+    lines = [
         "",
         "## Learning rates, chosen on validation",
         "",
@@ -479,6 +506,11 @@ def render_markdown(report: dict) -> str:
             for p in sweep
         ]
         lines.append(f"| {r['label']} | {', '.join(cells) or '–'} |")
+    return lines
+
+
+def _md_seeds(report: dict) -> list[str]:
+    lines = []
     seeded = [r for r in report["methods"] if len(_seeds(r)) > 1]
     if seeded:
         lines += [
@@ -494,6 +526,11 @@ def render_markdown(report: dict) -> str:
                 f"| {r['label']} | {per} | {_f(r['new_task'])} | "
                 f"{_f(r['new_task_min'])} – {_f(r['new_task_max'])} |"
             )
+    return lines
+
+
+def _md_variants(report: dict) -> list[str]:
+    lines = []
     variants = [r for r in report["methods"] if r["family"] == "delta"]
     if len(variants) > 1:
         lines += [
@@ -510,6 +547,11 @@ def render_markdown(report: dict) -> str:
                 f"{_pct(r['delta_fraction'], 2)} | {r['patch_bytes'] / 1e6:.2f} | "
                 f"{_step_ratio(r)} | {_x(r['peak_memory_ratio'])} |"
             )
+    return lines
+
+
+def _md_paint(report: dict) -> list[str]:
+    lines = []
     if report["paint"]:
         lines += [
             "",
@@ -523,7 +565,11 @@ def render_markdown(report: dict) -> str:
                 f"| {p['alpha']:.1f} | {_f(p['new_task'])} | {_f(p['base_task'])} "
                 f"({_pct(p['retention'])}) |"
             )
-    lines += ["", "## Targets", "", "| target | value | goal | met |", "|---|---|---|---|"]
+    return lines
+
+
+def _md_targets(report: dict) -> list[str]:
+    lines = ["", "## Targets", "", "| target | value | goal | met |", "|---|---|---|---|"]
     for t in report["targets"].values():
         met = "–" if t["met"] is None else ("yes" if t["met"] else "**no**")
         value = (
@@ -532,6 +578,11 @@ def render_markdown(report: dict) -> str:
             else f"{t['value']:.3f}"
         )
         lines.append(f"| {t['what']} | {value} | {t['op']} {t['target']} | {met} |")
+    return lines
+
+
+def _md_recommendation(report: dict) -> list[str]:
+    lines = []
     rec = report["recommended"]
     if rec:
         lines += [
@@ -543,8 +594,7 @@ def render_markdown(report: dict) -> str:
     for name, chosen in (report.get("presets") or {}).items():
         if chosen:
             lines.append(f"\nPreset `{name}` ({chosen['rule']}): `{chosen['id']}`.")
-    lines += ["", "![trade-off](tradeoff.png)", "", "![frontier](frontier.png)", ""]
-    return "\n".join(lines)
+    return lines
 
 
 def plot_tradeoff(report: dict, path: str | os.PathLike) -> str:
