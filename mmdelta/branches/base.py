@@ -142,7 +142,12 @@ class DeltaBranch(PatchPart):
 
 class AdditiveDelta(DeltaBranch):
     """A branch whose patched layer returns ``f(x) + Δ(x)``: :meth:`forward` is ``Δ`` of the
-    layer's first input, with exactly the layer's output shape."""
+    layer's first input, with exactly the layer's output shape.
+
+    ``per_sample``: ``Δ(x)[i]`` depends on sample ``x[i]`` only, so a batch can give each
+    sample its own patch (``DeltaSlot.routed_forward``)."""
+
+    per_sample = True
 
     def patched_forward(
         self, layer: nn.Module, base_forward: Callable, args: tuple, kwargs: dict

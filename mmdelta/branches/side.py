@@ -91,6 +91,9 @@ class SideDelta(AdditiveDelta):
         groups: GroupNorm groups (must divide ``width``).
     """
 
+    #: its Δ reads the backbone's outputs too (``forward(x, features)``), not only ``x``
+    per_sample = False
+
     def __init__(self, layer: nn.Module, width: int = 64, image: bool = True, groups: int = 8):
         super().__init__(layer)
         for key, value in (("width", width), ("groups", groups)):

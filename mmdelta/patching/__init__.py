@@ -4,6 +4,7 @@ from .apply import BuiltPatch, apply_delta_patch, attach_patch, build_patch
 from .config import DeltaPatchConfigError
 from .files import PatchFileError, load_patch, read_patch_file, save_patch
 from .merge import merge_patch
+from .slot import NotRoutable
 from .state import (
     active_patch,
     base_state_dict,
@@ -13,6 +14,7 @@ from .state import (
     patch_names,
     remove_patch,
     resolve_patch_name,
+    routed_patches,
     set_active_patch,
 )
 from .summary import PatchSummary
@@ -20,6 +22,7 @@ from .summary import PatchSummary
 __all__ = [
     "BuiltPatch",
     "DeltaPatchConfigError",
+    "NotRoutable",
     "PatchFileError",
     "PatchSummary",
     "active_patch",
@@ -36,6 +39,7 @@ __all__ = [
     "read_patch_file",
     "remove_patch",
     "resolve_patch_name",
+    "routed_patches",
     "save_patch",
     "set_active_patch",
 ]

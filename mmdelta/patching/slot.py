@@ -9,9 +9,12 @@ when no part is active and the active part's patched forward otherwise. The laye
 parameters sit right beside it, e.g. ``backbone.layer1.0.conv1.delta.<patch>.up``.
 """
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
+import torch
 from torch import nn
+
+from ..branches import AdditiveDelta
 
 #: the name of the slot child in every patched layer
 SLOT_NAME = "delta"
@@ -29,6 +32,8 @@ class DeltaSlot(nn.ModuleDict):
     def __init__(self):
         super().__init__()
         self.active: str | None = None
+        #: per-sample patch names while a routed batch runs (``PatchState.routed``)
+        self.routes: Sequence[str | None] | None = None
 
     def forward(self, x):
         """Identity: a host that runs its children as a pipeline (``nn.Sequential``,
@@ -37,6 +42,45 @@ class DeltaSlot(nn.ModuleDict):
 
     def active_branch(self) -> nn.Module | None:
         return self._modules.get(self.active) if self.active is not None else None
+
+    def routed_forward(self, layer: nn.Module, base_forward, args: tuple, kwargs: dict):
+        """One forward for a batch whose samples choose their own patch (``routes``, one
+        name or ``None`` per sample along dim 0): the base layer once for the whole batch,
+        then each patch's ``Δ`` on its own samples, added to their rows.
+
+        Defined for additive per-sample parts only (:class:`~mmdelta.branches.AdditiveDelta`
+        with ``per_sample``); anything else, or an input whose dim 0 is not the batch of
+        images (e.g. an RoI head's RoIs), raises :class:`NotRoutable`. Row ``i`` equals the
+        layer's output for sample ``i`` alone with its patch up to the kernels' batching
+        (not bitwise: the base runs on the whole batch)."""
+        routes = self.routes
+        x = args[0] if args else None
+        if not isinstance(x, torch.Tensor) or x.shape[0] != len(routes):
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise NotRoutable(
+                f"{type(layer).__name__} gets an input {got} whose dim 0 is not the batch of "
+                f"{len(routes)} images; its patches cannot be routed per sample"
+            )
+        output = base_forward(*args, **kwargs)
+        rows: dict[str, list[int]] = {}
+        for i, name in enumerate(routes):
+            if name is not None and name in self._modules:
+                rows.setdefault(name, []).append(i)
+        for name, index in rows.items():
+            part = self._modules[name]
+            if not (isinstance(part, AdditiveDelta) and part.per_sample):
+                raise NotRoutable(
+                    f"patch {name!r} has a {type(part).__name__} on {type(layer).__name__}: "
+                    "not an additive per-sample branch, it cannot be routed per sample"
+                )
+            index = torch.tensor(index, device=x.device)
+            output = output.index_add(0, index, part(x.index_select(0, index)))
+        return output
+
+
+class NotRoutable(ValueError):
+    """A batch that cannot run with a patch per sample (see :meth:`DeltaSlot.routed_forward`);
+    run it grouped by patch instead."""
 
 
 class SlotForward:
@@ -57,7 +101,10 @@ class SlotForward:
 
     def __call__(self, *args, **kwargs):
         layer = self.layer
-        branch = layer._modules[SLOT_NAME].active_branch()
+        slot = layer._modules[SLOT_NAME]
+        if slot.routes is not None:
+            return slot.routed_forward(layer, self.base_forward, args, kwargs)
+        branch = slot.active_branch()
         if branch is None:
             return type(layer).forward(layer, *args, **kwargs)
         return branch.patched_forward(layer, self.base_forward, args, kwargs)

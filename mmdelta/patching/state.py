@@ -15,13 +15,13 @@ last patch removed (or merged into a copy) :meth:`PatchState.tear_down` takes al
 off again: the model is the plain base model.
 """
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from torch import nn
 
 from .freeze import enforce_frozen_base, requires_grad_flags, restore_requires_grad
-from .slot import iter_slots, remove_slot, slot_prefixes
+from .slot import NotRoutable, iter_slots, remove_slot, slot_prefixes
 
 #: the model attribute holding its :class:`PatchState`
 STATE_ATTR = "_mmdelta"
@@ -113,6 +113,36 @@ class PatchState:
             for part in slot.values():
                 part.clear_cache()
         self.enforce(model, model.training)
+
+    @contextmanager
+    def routed(self, model: nn.Module, routes: Sequence[str | None]) -> Iterator[nn.Module]:
+        """Inside the block a forward over a batch gives sample ``i`` patch ``routes[i]``
+        (``None``: the base) in one pass (:meth:`DeltaSlot.routed_forward`); the selection
+        is the base's meanwhile and is restored on exit (also on error).
+
+        Raises:
+            KeyError: a name the model carries no patch for.
+            NotRoutable: a requested patch changes head attributes (its own class set):
+                its samples need another head, run them grouped by patch.
+        """
+        for name in {r for r in routes if r is not None}:
+            self.check(name)
+            if self.attrs[name]:
+                raise NotRoutable(
+                    f"patch {name!r} has its own class set (it changes {sorted(self.attrs[name])}); "
+                    "its samples cannot share a forward with other patches"
+                )
+        saved = self.active
+        self.activate(model, None)
+        slots = [slot for _, slot in iter_slots(model)]
+        try:
+            for slot in slots:
+                slot.routes = list(routes)
+            yield model
+        finally:
+            for slot in slots:
+                slot.routes = None
+            self.activate(model, saved)
 
     def enforce(self, model: nn.Module, mode: bool) -> None:
         enforce_frozen_base(model, self.active, mode)
@@ -224,6 +254,15 @@ def resolve_patch_name(model: nn.Module, name: str | None, action: str = "use") 
     if state is None:
         raise KeyError(f"this {type(model).__name__} carries no mmdelta patch")
     return state.which(name, action)
+
+
+def routed_patches(model: nn.Module, routes: Sequence[str | None]):
+    """A context in which one forward gives each sample of the batch its own patch
+    (``routes``: a patch name or ``None`` per sample); see :meth:`PatchState.routed`."""
+    state = patch_state(model)
+    if state is None:
+        raise KeyError(f"this {type(model).__name__} carries no mmdelta patch")
+    return state.routed(model, routes)
 
 
 def set_active_patch(model: nn.Module, name: str | None) -> None:
