@@ -37,7 +37,7 @@ from mmengine.config import Config
 
 from ..datasets.images import list_images
 from ..fileio import write_bytes_atomic, write_text_atomic
-from ..patching import active_patch, load_patch, patch_classes, set_active_patch
+from ..patching import active_patch, load_patch, patch_classes, remove_patch, set_active_patch
 from ..patching.files import read_patch_file
 from ..visualization import side_by_side  # the one drawing routine, shared with the demo
 from .inference import inferencer_class, init_base_model
@@ -62,8 +62,6 @@ def _named_patches(patches) -> list[tuple[str, Path]]:
         pairs = [
             (str(p[0]), Path(p[1])) if isinstance(p, tuple) else (None, Path(p)) for p in patches
         ]
-    if not pairs:
-        raise ServingError("no patch files given")
     named = []
     for name, path in pairs:
         if not path.is_file():
@@ -151,13 +149,12 @@ class MultiPatchInferencer:
         model = init_base_model(config, str(checkpoint), device="cpu")
         self.metas = {BASE: _base_meta(model, config)}
         model.dataset_meta = dict(self.metas[BASE])  # what the upstream visualiser reads
+        self.model = model
+        self.patches: dict[str, str] = {}
         for name, path in named:
-            load_patch(model, path, name=name, activate=False)
-            own = patch_classes(model, name)
-            self.metas[name] = {"classes": tuple(own)} if own else dict(self.metas[BASE])
+            self.add_patch(name, path)
         set_active_patch(model, None)
         model = model.to(device).eval()
-        self.patches = {name: str(path) for name, path in named}
 
         class _Served(Inferencer):
             def _init_model(self, cfg, weights, device="cpu"):
@@ -166,12 +163,45 @@ class MultiPatchInferencer:
         self.inferencer = _Served(model=config, weights=None, device=device)
         self.model = self.inferencer.model
 
+    # ------------------------------------------------------------------ patches
+
+    def add_patch(self, name: str, path) -> None:
+        """Loads patch file ``path`` under ``name`` (inactive). On any error (a name in use,
+        a file that is no patch or was built for another base) nothing changes."""
+        if name == BASE or name in self.patches:
+            raise ServingError(f"a patch named {name!r} is loaded already; unload it first")
+        load_patch(self.model, path, name=name, activate=False)
+        own = patch_classes(self.model, name)
+        self.metas[name] = {"classes": tuple(own)} if own else dict(self.metas[BASE])
+        self.patches[name] = str(path)
+
+    def remove_patch(self, name: str) -> None:
+        """Unloads patch ``name`` (``KeyError`` for a name that is not loaded)."""
+        if name not in self.patches:
+            raise KeyError(f"no patch {name!r} is loaded; loaded: {list(self.patches)}")
+        remove_patch(self.model, name)
+        del self.patches[name], self.metas[name]
+
     # ------------------------------------------------------------------ inference
 
+    def inputs(self, image) -> dict:
+        """The Inferencer's pipeline on one image (a path or an ``HxWx3`` BGR ``uint8``
+        array), without collating: what ``collate`` batches."""
+        return self.inferencer.pipeline(image if isinstance(image, np.ndarray) else str(image))
+
+    def collate(self, items: list) -> dict:
+        """``{'inputs': [CHW uint8], 'data_samples': [sample]}``, what ``test_step`` takes."""
+        return self.inferencer.collate_fn(list(items))
+
     def _batch(self, image: Path) -> dict:
-        """One image through the Inferencer's pipeline and collate: ``{'inputs': [CHW
-        uint8], 'data_samples': [sample]}``, what ``model.test_step`` takes."""
-        return self.inferencer.collate_fn([self.inferencer.pipeline(str(image))])
+        """One image through the Inferencer's pipeline and collate."""
+        return self.collate([self.inputs(image)])
+
+    def summary(self, sample, key: str, score_thr: float = 0.3) -> dict:
+        """A prediction as JSON-ready values: detection boxes, scores, labels and class names
+        above ``score_thr``; segmentation per-class pixel counts (``key``: ``"base"`` or a
+        patch name, whose class names are used)."""
+        return self._summary(sample, self.metas[key], score_thr, None)
 
     @torch.no_grad()
     def predict(self, images, chunk: int = 8) -> list[dict]:
