@@ -33,8 +33,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..branches import AdditiveDelta
 from ..patching import NotRoutable, routed_patches, set_active_patch
 from ..patching.files import base_fingerprint
+from ..patching.slot import iter_slots
+from ..patching.state import patch_state
 from .serving import BASE, MultiPatchInferencer, ServingError
 
 STRATEGIES = ("auto", "group", "route")
@@ -115,7 +118,7 @@ class PatchEngine:
         self.score_thr = float(score_thr)
         self.base_fingerprint = base_fingerprint(self.served.model)
         self.stats = Counter()
-        self._not_routable: set[frozenset] = set()
+        self._not_routable: set[str] = set()  # patches a routed forward failed for
         self._queue: queue.Queue = queue.Queue()
         self._names = frozenset(self.served.patches)  # read by callers, written by the worker
         self._worker = threading.Thread(target=self._loop, name="mmdelta-engine", daemon=True)
@@ -163,6 +166,7 @@ class PatchEngine:
                 )
             self.served.remove_patch(name)
             self._names = frozenset(self.served.patches)
+            self._not_routable.discard(name)
 
         self._control(run)
 
@@ -249,24 +253,39 @@ class PatchEngine:
                 )
             else:
                 live.append(request)
-        if not live:
-            return
-        models = frozenset(r.patch for r in live)
         try:
-            if self._routes(models, len(live)):
+            routed = [r for r in live if self._can_route(r.patch)]
+            if self._route_now(routed):
                 try:
-                    return self._run_routed(live)
-                except NotRoutable:
-                    self._not_routable.add(models)
-            self._run_grouped(live)
+                    self._run_routed(routed)
+                    live = [r for r in live if not r.future.done()]
+                except NotRoutable:  # e.g. a Δ in an RoI head: dim 0 is not the images
+                    self._not_routable.update(r.patch for r in routed if r.patch is not None)
+            if live:
+                self._run_grouped(live)
         except Exception as err:
             for request in live:
                 if not request.future.done():
                     request.future.set_exception(err)
 
-    def _routes(self, models: frozenset, size: int) -> bool:
-        if self.strategy == "group" or size < 2 or models in self._not_routable:
+    def _can_route(self, name: str | None) -> bool:
+        """Whether requests for ``name`` can share a routed forward: the base can; a patch
+        can when it keeps the base's classes and every part is an additive per-sample Δ
+        (and no routed forward of it failed)."""
+        if name is None:
+            return True
+        if name in self._not_routable:
             return False
+        state = patch_state(self.served.model)
+        parts = [slot[name] for _, slot in iter_slots(self.served.model) if name in slot]
+        return not state.attrs[name] and all(
+            isinstance(p, AdditiveDelta) and p.per_sample for p in parts
+        )
+
+    def _route_now(self, routed: list[_Request]) -> bool:
+        if self.strategy == "group" or len(routed) < 2:
+            return False
+        models = {r.patch for r in routed}
         return self.strategy == "route" or len(models) >= self.route_min_models
 
     @torch.no_grad()
@@ -274,25 +293,28 @@ class PatchEngine:
         model = self.served.model
         order = list(dict.fromkeys(r.patch for r in batch))
         try:
+            samples = []
             for name in order:
                 set_active_patch(model, name)
                 for request in (r for r in batch if r.patch == name):
                     (sample,) = model.test_step(self.served.collate([request.inputs]))
-                    self._answer(request, sample, "group", len(batch))
+                    samples.append((request, sample))
         finally:
             set_active_patch(model, None)
         self.stats["batches_grouped"] += 1
         self.stats["requests"] += len(batch)
+        for request, sample in samples:
+            self._answer(request, sample, "group", len(batch))
 
     @torch.no_grad()
     def _run_routed(self, batch: list[_Request]) -> None:
         model = self.served.model
         with routed_patches(model, [r.patch for r in batch]):
             samples = model.test_step(self.served.collate([r.inputs for r in batch]))
-        for request, sample in zip(batch, samples, strict=True):
-            self._answer(request, sample, "route", len(batch))
         self.stats["batches_routed"] += 1
         self.stats["requests"] += len(batch)
+        for request, sample in zip(batch, samples, strict=True):
+            self._answer(request, sample, "route", len(batch))
 
     def _answer(self, request: _Request, sample, strategy: str, size: int) -> None:
         key = BASE if request.patch is None else request.patch

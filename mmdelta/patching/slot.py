@@ -54,6 +54,12 @@ class DeltaSlot(nn.ModuleDict):
         layer's output for sample ``i`` alone with its patch up to the kernels' batching
         (not bitwise: the base runs on the whole batch)."""
         routes = self.routes
+        rows: dict[str, list[int]] = {}
+        for i, name in enumerate(routes):
+            if name is not None and name in self._modules:
+                rows.setdefault(name, []).append(i)
+        if not rows:  # no routed patch has a part here: the base layer, whatever its input
+            return base_forward(*args, **kwargs)
         x = args[0] if args else None
         if not isinstance(x, torch.Tensor) or x.shape[0] != len(routes):
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -62,10 +68,6 @@ class DeltaSlot(nn.ModuleDict):
                 f"{len(routes)} images; its patches cannot be routed per sample"
             )
         output = base_forward(*args, **kwargs)
-        rows: dict[str, list[int]] = {}
-        for i, name in enumerate(routes):
-            if name is not None and name in self._modules:
-                rows.setdefault(name, []).append(i)
         for name, index in rows.items():
             part = self._modules[name]
             if not (isinstance(part, AdditiveDelta) and part.per_sample):
