@@ -179,3 +179,23 @@ def test_patches_load_and_unload_while_serving(world, tmp_path):
         assert sorted(engine.patches()) == ["shift"]
         with pytest.raises(UnknownPatchError):
             engine.submit(image, "newcls")
+
+
+def test_multi_patch_inferencer_predicts_each_image_with_its_own_patch(world):
+    from mmdelta.apis import MultiPatchInferencer
+
+    served = MultiPatchInferencer(world["config"], world["base"], [world["shift"], world["new"]])
+    paths = sorted(world["images"].iterdir())
+    asked = ["newcls", None, "shift", "shift", None]
+    expected = [single_image_answer(served, p, m) for p, m in zip(paths, asked, strict=True)]
+    for strategy in ("group", "auto"):
+        got = served.predict(paths, patches=asked, strategy=strategy)
+        exact = strategy == "group"
+        bad = [
+            (i, why)
+            for i, (e, g) in enumerate(zip(expected, got, strict=True))
+            if (why := mismatch(e, g, exact=exact or asked[i] == "newcls")) is not None
+        ]
+        assert not bad, (strategy, bad)
+    with pytest.raises(ServingError, match="no patch \\['night'\\] is loaded"):
+        served.predict(paths[:1], patches=["night"])

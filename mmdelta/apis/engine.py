@@ -4,21 +4,10 @@ Every request names its patch (``None``: the base). One worker thread owns the m
 alone switches the selection, loads and unloads patches and runs forwards, so no request
 ever runs under another request's patch, however many threads submit. Requests that
 arrive while the worker is busy are batched (up to ``max_batch``, waiting at most
-``max_wait_ms`` for more), and a batch runs by one of two strategies:
-
-* ``group``: requests grouped by patch; each group with its patch active (weight form:
-  the base's kernels with folded weights), one image per forward. Every answer is **bit
-  for bit** the single-image answer of that patch (the same kernels run).
-* ``route``: one forward for the whole batch, each sample with its own patch
-  (:func:`~mmdelta.patching.routed_patches`: the base layer once, each patch's Δ on its
-  own samples). Defined for additive per-sample branches in modules whose dim 0 is the
-  image batch (the default low-rank patch on backbone and neck / decode head) and patches
-  that keep the base's classes; answers equal the single-image answers up to the
-  kernels' batching (float32 rounding). A batch that cannot be routed runs grouped.
-
-``auto`` (default) routes a batch when it holds at least ``route_min_models`` distinct
-models and every one of them can be routed, else groups it — see the measured rule in
-``docs/serving.md``.
+``max_wait_ms`` for more) and each batch runs by the strategies of
+:mod:`mmdelta.apis.batching`: ``group`` (bit for bit the single-image answers) or
+``route`` (one forward, each sample with its own Δ; float32 batching tolerance), chosen per
+batch by ``strategy="auto"``'s rule.
 """
 
 from __future__ import annotations
@@ -26,21 +15,14 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
-from ..branches import AdditiveDelta
-from ..patching import NotRoutable, routed_patches, set_active_patch
 from ..patching.files import base_fingerprint
-from ..patching.slot import iter_slots
-from ..patching.state import patch_state
+from .batching import STRATEGIES, MixedBatchRunner
 from .serving import BASE, MultiPatchInferencer, ServingError
-
-STRATEGIES = ("auto", "group", "route")
 
 
 class UnknownPatchError(KeyError):
@@ -89,8 +71,8 @@ class PatchEngine:
             be empty; more can be loaded at run time).
         max_batch: most requests run as one batch.
         max_wait_ms: how long the worker waits for more requests once one is there.
-        strategy: ``"auto"``, ``"group"`` or ``"route"`` (see the module docstring).
-        route_min_models: ``auto`` routes a batch with at least this many distinct models.
+        strategy: ``"auto"``, ``"group"`` or ``"route"`` (:mod:`mmdelta.apis.batching`).
+        route_min_models: ``auto`` routes when at least this many distinct models are routable.
         score_thr: detections below it are left out of each prediction's ``summary``.
     """
 
@@ -114,11 +96,10 @@ class PatchEngine:
         self.served = MultiPatchInferencer(config, checkpoint, patches, device=device)
         self.task = self.served.task
         self.max_batch, self.max_wait = int(max_batch), float(max_wait_ms) / 1000
-        self.strategy, self.route_min_models = strategy, int(route_min_models)
+        self.runner = MixedBatchRunner(self.served, strategy, route_min_models)
+        self.stats = self.runner.stats
         self.score_thr = float(score_thr)
         self.base_fingerprint = base_fingerprint(self.served.model)
-        self.stats = Counter()
-        self._not_routable: set[str] = set()  # patches a routed forward failed for
         self._queue: queue.Queue = queue.Queue()
         self._names = frozenset(self.served.patches)  # read by callers, written by the worker
         self._worker = threading.Thread(target=self._loop, name="mmdelta-engine", daemon=True)
@@ -166,7 +147,7 @@ class PatchEngine:
                 )
             self.served.remove_patch(name)
             self._names = frozenset(self.served.patches)
-            self._not_routable.discard(name)
+            self.runner.forget(name)
 
         self._control(run)
 
@@ -253,68 +234,16 @@ class PatchEngine:
                 )
             else:
                 live.append(request)
+        if not live:
+            return
         try:
-            routed = [r for r in live if self._can_route(r.patch)]
-            if self._route_now(routed):
-                try:
-                    self._run_routed(routed)
-                    live = [r for r in live if not r.future.done()]
-                except NotRoutable:  # e.g. a Δ in an RoI head: dim 0 is not the images
-                    self._not_routable.update(r.patch for r in routed if r.patch is not None)
-            if live:
-                self._run_grouped(live)
-        except Exception as err:
+            answers = self.runner.run([(r.inputs, r.patch) for r in live])
+        except Exception as err:  # every waiting caller hears of it
             for request in live:
-                if not request.future.done():
-                    request.future.set_exception(err)
-
-    def _can_route(self, name: str | None) -> bool:
-        """Whether requests for ``name`` can share a routed forward: the base can; a patch
-        can when it keeps the base's classes and every part is an additive per-sample Δ
-        (and no routed forward of it failed)."""
-        if name is None:
-            return True
-        if name in self._not_routable:
-            return False
-        state = patch_state(self.served.model)
-        parts = [slot[name] for _, slot in iter_slots(self.served.model) if name in slot]
-        return not state.attrs[name] and all(
-            isinstance(p, AdditiveDelta) and p.per_sample for p in parts
-        )
-
-    def _route_now(self, routed: list[_Request]) -> bool:
-        if self.strategy == "group" or len(routed) < 2:
-            return False
-        models = {r.patch for r in routed}
-        return self.strategy == "route" or len(models) >= self.route_min_models
-
-    @torch.no_grad()
-    def _run_grouped(self, batch: list[_Request]) -> None:
-        model = self.served.model
-        order = list(dict.fromkeys(r.patch for r in batch))
-        try:
-            samples = []
-            for name in order:
-                set_active_patch(model, name)
-                for request in (r for r in batch if r.patch == name):
-                    (sample,) = model.test_step(self.served.collate([request.inputs]))
-                    samples.append((request, sample))
-        finally:
-            set_active_patch(model, None)
-        self.stats["batches_grouped"] += 1
-        self.stats["requests"] += len(batch)
-        for request, sample in samples:
-            self._answer(request, sample, "group", len(batch))
-
-    @torch.no_grad()
-    def _run_routed(self, batch: list[_Request]) -> None:
-        model = self.served.model
-        with routed_patches(model, [r.patch for r in batch]):
-            samples = model.test_step(self.served.collate([r.inputs for r in batch]))
-        self.stats["batches_routed"] += 1
-        self.stats["requests"] += len(batch)
-        for request, sample in zip(batch, samples, strict=True):
-            self._answer(request, sample, "route", len(batch))
+                request.future.set_exception(err)
+            return
+        for request, (sample, strategy) in zip(live, answers, strict=True):
+            self._answer(request, sample, strategy, len(live))
 
     def _answer(self, request: _Request, sample, strategy: str, size: int) -> None:
         key = BASE if request.patch is None else request.patch

@@ -40,6 +40,7 @@ from ..fileio import write_bytes_atomic, write_text_atomic
 from ..patching import active_patch, load_patch, patch_classes, remove_patch, set_active_patch
 from ..patching.files import read_patch_file
 from ..visualization import side_by_side  # the one drawing routine, shared with the demo
+from .batching import MixedBatchRunner
 from .inference import inferencer_class, init_base_model
 
 BASE = "base"  # the base model's key in results (patches are under "patches")
@@ -203,15 +204,46 @@ class MultiPatchInferencer:
         patch name, whose class names are used)."""
         return self._summary(sample, self.metas[key], score_thr, None)
 
+    def predict(
+        self, images, chunk: int = 8, patches=None, strategy: str = "auto"
+    ) -> list[dict] | list:
+        """Predictions only. Without ``patches``: per image ``{"base": sample, "patches":
+        {name: sample}}`` (every model on every image). With ``patches`` (one name or
+        ``None`` = the base per image): per image the sample of its own model, batches of
+        ``chunk`` run by ``strategy`` (:mod:`mmdelta.apis.batching`: ``group`` answers are
+        bitwise the single-image answers, ``route`` ones within float32 batching).
+
+        Samples are ``DetDataSample`` with ``pred_instances`` in original-image pixels /
+        ``SegDataSample`` with ``pred_sem_seg`` ``[1, H, W]``. Not thread-safe (one model,
+        one selection): serve concurrent callers with :class:`~mmdelta.apis.PatchEngine`.
+        The selection is restored afterwards."""
+        paths = list_images(images) if patches is None else list(images)
+        if patches is None:
+            return self._predict_all(paths, chunk)
+        patches = list(patches)
+        if len(patches) != len(paths):
+            raise ServingError(f"{len(paths)} images but {len(patches)} patch names")
+        unknown = sorted({p for p in patches if p is not None and p not in self.patches})
+        if unknown:
+            raise ServingError(f"no patch {unknown} is loaded; loaded: {list(self.patches)}")
+        runner = MixedBatchRunner(self, strategy)
+        saved, out = active_patch(self.model), []
+        try:
+            for start in range(0, len(paths), chunk):
+                part = slice(start, start + chunk)
+                items = [
+                    (self.inputs(p), n) for p, n in zip(paths[part], patches[part], strict=True)
+                ]
+                out += [sample for sample, _ in runner.run(items)]
+        finally:
+            set_active_patch(self.model, saved)
+        return out
+
     @torch.no_grad()
-    def predict(self, images, chunk: int = 8) -> list[dict]:
-        """Predictions only: per image ``{"base": sample, "patches": {name: sample}}``
-        (``DetDataSample`` with ``pred_instances`` in original-image pixels /
-        ``SegDataSample`` with ``pred_sem_seg`` ``[1, H, W]``). Images are processed
-        ``chunk`` at a time, every model over a chunk before the next (a patch's folded
-        weights are built once per chunk). The selection is restored afterwards (no patch
-        active, unless the caller activated one)."""
-        paths = list_images(images)
+    def _predict_all(self, paths: list, chunk: int) -> list[dict]:
+        """Per image ``{"base": sample, "patches": {name: sample}}``: images ``chunk`` at a
+        time, every model over a chunk before the next (a patch's folded weights are built
+        once per chunk)."""
         out: list[dict] = []
         saved = active_patch(self.model)
         try:
