@@ -18,83 +18,23 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
-from mmengine.config import Config
-from mmengine.registry import MODELS, init_default_scope
+from serving_fixtures import CLASSES, NEW, SEG_OWN, SIZE, TINY, TINY_SEG, det_fixture, seg_fixture
 
-from mmdelta import PatchFileError, apply_delta_patch, save_patch
+from mmdelta import PatchFileError
 from mmdelta.apis import init_base_model, patched_inferencer
 from mmdelta.apis.serving import MultiPatchInferencer, ServingError
 from mmdelta.datasets.images import NoImagesError
-from mmdelta.datasets.synthetic import write_voc_dataset
 from mmdelta.evaluation import first_difference
 from mmdelta.visualization import GAP, MIN_SHORT_SIDE, TITLE_HEIGHT
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "tests" / "configs" / "e2e_det_voc_tiny.py"
-TINY_SEG = REPO / "tests" / "configs" / "e2e_seg_tiny.py"
-CLASSES = ("square", "disc", "bar")
-NEW = ("triangle", "ring", "cross", "star")
-SIZE = 96  # generated images are SIZE x SIZE
-
-
-def _model(cfg, state=None):
-    model = MODELS.build(cfg.model)
-    if state is None:
-        model.init_weights()
-    else:
-        model.load_state_dict(state)
-    return model
-
-
-def _save_patch(cfg, state, patch_cfg, path, scale, seed):
-    """A patch of the base ``state`` whose every tensor is moved off its initial value."""
-    model = _model(cfg, state)
-    apply_delta_patch(model, patch_cfg)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".delta." in name:
-                p.add_(torch.randn(p.shape, generator=generator) * scale)
-    return save_patch(model, path)
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """Config (the 10 best boxes kept, whatever their score), base checkpoint, two patches, a folder of two images."""
-    tmp = tmp_path_factory.mktemp("serving")
-    config = tmp / "det.py"
-    config.write_text(
-        f"_base_ = {str(TINY)!r}\n"
-        "model = dict(test_cfg=dict(rcnn=dict(score_thr=0.0, max_per_img=10)))\n"
-    )
-    cfg = Config.fromfile(str(config))
-    init_default_scope("mmdet")
-    torch.manual_seed(0)
-    state = _model(cfg).state_dict()
-    base = tmp / "base.pth"
-    torch.save({"meta": {"dataset_meta": {"classes": CLASSES}}, "state_dict": state}, base)
-    shift = _save_patch(
-        cfg, state, dict(name="shift", branch=dict(type="LowRankDelta", rank=4)),
-        tmp / "shift.safetensors", scale=0.05, seed=1,
-    )  # fmt: skip
-    new = _save_patch(
-        cfg, state, dict(name="newcls", classes=list(NEW), base_classes=list(CLASSES)),
-        tmp / "newcls.safetensors", scale=0.01, seed=2,
-    )  # fmt: skip
-    torch.manual_seed(1)  # a patch of another base: same architecture, other weights
-    other_state = _model(cfg).state_dict()
-    foreign = _save_patch(
-        cfg, other_state, dict(name="foreign"), tmp / "foreign.safetensors", scale=0.0, seed=3
-    )
-    data = Path(write_voc_dataset(tmp / "data", CLASSES, 1, 2, image_size=(SIZE, SIZE), seed=0))
-    images = tmp / "images"
-    images.mkdir()
-    for src in sorted((data / "VOC2007" / "JPEGImages").glob("*.jpg"))[1:]:  # the 2 test images
-        shutil.copy(src, images / src.name)
-    return dict(
-        tmp=tmp, config=config, base=base, shift=shift, new=new, foreign=foreign, images=images
-    )
+    """Config (the 10 best boxes kept, whatever their score), base checkpoint, two patches,
+    a folder of two images (``serving_fixtures.det_fixture``)."""
+    return det_fixture(tmp_path_factory.mktemp("serving"))
 
 
 def _upstream(inferencer, images):
@@ -246,22 +186,9 @@ def test_errors_name_what_to_fix(served, tmp_path):
 
 def test_segmentation_label_maps_and_pixel_counts(tmp_path):
     """mmseg: one label map per image and model equal to its prediction, class-named counts."""
-    from mmdelta.datasets.synthetic import write_seg_dataset
-
-    cfg = Config.fromfile(str(TINY_SEG))
-    init_default_scope("mmseg")
-    torch.manual_seed(0)
-    state = _model(cfg).state_dict()
-    base = tmp_path / "base.pth"
-    meta = {"classes": ("background", *CLASSES)}
-    torch.save({"meta": {"dataset_meta": meta}, "state_dict": state}, base)
-    own = ("background", "triangle", "ring")
-    new = _save_patch(
-        cfg, state, dict(name="newcls", classes=list(own)), tmp_path / "n.safetensors", 0.05, 4
-    )
-    data = Path(write_seg_dataset(tmp_path / "data", CLASSES, 1, 1, image_size=(64, 64), seed=0))
-    (image,) = sorted((data / "img_dir" / "val").iterdir())
-    server = MultiPatchInferencer(TINY_SEG, base, [new])
+    seg = seg_fixture(tmp_path)
+    image, meta, own = seg["image"], {"classes": seg["classes"]}, SEG_OWN
+    server = MultiPatchInferencer(TINY_SEG, seg["base"], [seg["new"]])
     out = server([image], out_dir=tmp_path / "out")
     (record,) = out["results"]["images"]
     (row,) = out["predictions"]
