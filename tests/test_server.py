@@ -121,6 +121,35 @@ def test_concurrent_clients_random_patches_zero_mismatches(det):
     assert det["engine"].health()["batches_grouped"] >= 1
 
 
+def test_concurrent_clients_auto_strategy_within_tolerance(det):
+    """``auto``: batches of several models are routed (one forward, the shift patch's Δ per
+    sample; the new-class patch runs grouped): every answer within the load test's
+    tolerance of the single-image answer."""
+    from mmdelta.apps.serving_load import matches
+
+    patches = {"shift": det["shift"], "newcls": det["new"]}
+    engine = PatchEngine(
+        det["config"], det["base"], patches, strategy="auto", max_wait_ms=50, score_thr=SCORE_THR
+    )
+    rng = random.Random(1)
+    jobs = [(rng.randrange(3), rng.choice([None, "shift", "newcls"])) for _ in range(32)]
+    with engine, TestClient(create_app(engine)) as client:
+
+        def one(job):
+            response = post_image(client, det["bodies"][job[0]], job[1])
+            assert response.status_code == 200, response.text
+            return response.json()
+
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(one, jobs))
+        health = client.get("/health").json()
+    bad = [job for job, got in zip(jobs, results, strict=True)
+           if not matches(got, det["expected"][job], exact=False)]  # fmt: skip
+    assert bad == []
+    assert health["batches_routed"] >= 1
+    assert {r["strategy"] for r in results if r["patch"] == "newcls"} == {"group"}
+
+
 def test_patches_listing_and_runtime_load_unload(det):
     client, engine = det["client"], det["engine"]
     listing = client.get("/patches").json()
