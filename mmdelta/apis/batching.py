@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..branches import AdditiveDelta
-from ..patching import NotRoutable, routed_patches, set_active_patch
+from ..patching import NotRoutable, active_patch, routed_patches, set_active_patch
 from ..patching.slot import iter_slots
 from ..patching.state import patch_state
 
@@ -94,16 +94,17 @@ class MixedBatchRunner:
 
     @torch.no_grad()
     def run_grouped(self, items: list[tuple[dict, str | None]]) -> list:
-        """Each item alone with its patch active, grouped by patch (bitwise single-image)."""
+        """Each item alone with its patch active, grouped by patch (bitwise single-image).
+        The last group's patch stays active (its folded weights stay cached for the next
+        batch); callers that care restore their selection."""
         samples: list = [None] * len(items)
-        try:
-            for name in dict.fromkeys(name for _, name in items):
-                set_active_patch(self.model, name)
-                for i, (inputs, asked) in enumerate(items):
-                    if asked == name:
-                        (samples[i],) = self.model.test_step(self.served.collate([inputs]))
-        finally:
-            set_active_patch(self.model, None)
+        active = active_patch(self.model)
+        names = sorted(dict.fromkeys(name for _, name in items), key=lambda n: n != active)
+        for name in names:  # the active patch first: its folded weights are cached already
+            set_active_patch(self.model, name)
+            for i, (inputs, asked) in enumerate(items):
+                if asked == name:
+                    (samples[i],) = self.model.test_step(self.served.collate([inputs]))
         self.stats["batches_grouped"] += 1
         return samples
 

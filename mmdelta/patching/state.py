@@ -107,18 +107,19 @@ class PatchState:
         _set_attrs(model, self.base_attrs)
         if name is not None:
             _set_attrs(model, self.attrs[name])
-        self.active = name
+        changed, self.active = name != self.active, name
         for _, slot in iter_slots(model):
             slot.active = name
-            for part in slot.values():
-                part.clear_cache()
+            if changed:  # inference caches (folded weights) of the patch switched off
+                for part in slot.values():
+                    part.clear_cache()
         self.enforce(model, model.training)
 
     @contextmanager
     def routed(self, model: nn.Module, routes: Sequence[str | None]) -> Iterator[nn.Module]:
         """Inside the block a forward over a batch gives sample ``i`` patch ``routes[i]``
-        (``None``: the base) in one pass (:meth:`DeltaSlot.routed_forward`); the selection
-        is the base's meanwhile and is restored on exit (also on error).
+        (``None``: the base) in one pass (:meth:`DeltaSlot.routed_forward`); the active
+        patch is unchanged afterwards (also on error).
 
         Raises:
             KeyError: a name the model carries no patch for.
@@ -132,8 +133,10 @@ class PatchState:
                     f"patch {name!r} has its own class set (it changes {sorted(self.attrs[name])}); "
                     "its samples cannot share a forward with other patches"
                 )
-        saved = self.active
-        self.activate(model, None)
+        saved = self.active  # routes override it in every slot; only its heads must go
+        switch = saved is not None and bool(self.attrs[saved])
+        if switch:
+            self.activate(model, None)
         slots = [slot for _, slot in iter_slots(model)]
         try:
             for slot in slots:
@@ -142,7 +145,8 @@ class PatchState:
         finally:
             for slot in slots:
                 slot.routes = None
-            self.activate(model, saved)
+            if switch:
+                self.activate(model, saved)
 
     def enforce(self, model: nn.Module, mode: bool) -> None:
         enforce_frozen_base(model, self.active, mode)
