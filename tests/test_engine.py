@@ -33,9 +33,8 @@ def world(tmp_path_factory):
 
 
 def engine_for(world, **options) -> PatchEngine:
-    return PatchEngine(
-        world["config"], world["base"], [world["shift"], world["new"]], max_wait_ms=30, **options
-    )
+    options.setdefault("max_wait_ms", 30)
+    return PatchEngine(world["config"], world["base"], [world["shift"], world["new"]], **options)
 
 
 def references(engine: PatchEngine, arrays) -> dict:
@@ -199,3 +198,27 @@ def test_multi_patch_inferencer_predicts_each_image_with_its_own_patch(world):
         assert not bad, (strategy, bad)
     with pytest.raises(ServingError, match="no patch \\['night'\\] is loaded"):
         served.predict(paths[:1], patches=["night"])
+
+
+def test_routed_batches_never_pad_an_image_to_another_size(world):
+    """Images of two sizes in one batch: each size routes on its own (a routed batch of one
+    size needs no padding), so every answer stays within the batching tolerance."""
+    small = world["arrays"][:3]
+    large = [cv2.resize(a, (160, 128)) for a in world["arrays"][:3]]
+    arrays = small + large
+    asked = ["shift", None, "shift", None, "shift", None]
+    with engine_for(world, strategy="route", max_batch=6, max_wait_ms=5000) as engine:
+        expected = [
+            single_image_answer(engine.served, a, m) for a, m in zip(arrays, asked, strict=True)
+        ]
+        runner = engine.runner
+        items = [(engine.served.inputs(a), m) for a, m in zip(arrays, asked, strict=True)]
+        assert sorted(map(len, runner._same_size_groups(items))) == [3, 3]
+        got = engine.predict(arrays, asked)
+    assert {p.strategy for p in got} == {"route"}
+    bad = [
+        (i, why)
+        for i, (e, p) in enumerate(zip(expected, got, strict=True))
+        if (why := mismatch(e, p.sample, exact=False)) is not None
+    ]
+    assert not bad, bad

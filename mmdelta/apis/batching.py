@@ -5,8 +5,8 @@ the rule that picks between them (``PatchEngine``'s worker and
 * ``group``: the batch grouped by patch; each group with its patch active (weight form:
   the base's kernels with folded weights), one image per forward. Every answer is **bit
   for bit** the single-image answer of that patch (the same kernels run).
-* ``route``: one forward for the routable part of the batch, each sample with its own
-  patch (:func:`~mmdelta.patching.routed_patches`: each patched layer runs the base once for
+* ``route``: one forward for the routable part of the batch (per preprocessed image size:
+  images are never padded to another's size), each sample with its own patch (:func:`~mmdelta.patching.routed_patches`: each patched layer runs the base once for
   the whole batch and adds each patch's Δ to its own samples). Routable: the base, and
   patches that keep the base's classes and whose every part is an additive per-sample Δ in
   a module whose dim 0 is the image batch (the default low-rank patch on backbone and neck
@@ -57,8 +57,9 @@ class MixedBatchRunner:
         """``(sample, strategy)`` per item, in order: each item's image (pipeline output)
         answered by its patch (``None``: the base)."""
         answers: list = [None] * len(items)
-        routable = [i for i, (_, name) in enumerate(items) if self.can_route(name)]
-        if self._route_now({items[i][1] for i in routable}, len(routable)):
+        for routable in self._same_size_groups(items):
+            if not self._route_now({items[i][1] for i in routable}, len(routable)):
+                continue
             try:
                 samples = self.run_routed([items[i] for i in routable])
                 for i, sample in zip(routable, samples, strict=True):
@@ -71,6 +72,16 @@ class MixedBatchRunner:
                 answers[i] = (sample, "group")
         self.stats["requests"] += len(items)
         return answers
+
+    def _same_size_groups(self, items) -> list[list[int]]:
+        """Indices of the routable items, by the size of their preprocessed image: a routed
+        batch never pads one image to another's size (that would move its answer by more
+        than rounding)."""
+        groups: dict[tuple, list[int]] = {}
+        for i, (inputs, name) in enumerate(items):
+            if self.can_route(name):
+                groups.setdefault(tuple(inputs["inputs"].shape), []).append(i)
+        return list(groups.values())
 
     def can_route(self, name: str | None) -> bool:
         """Whether ``name``'s samples can share a routed forward (see the module docstring)."""
