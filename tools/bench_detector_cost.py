@@ -3,24 +3,10 @@
     python tools/bench_detector_cost.py [--device cuda] [--size 800 1333] [--batch 2]
         [--iters 15] [--rounds 3] [--precision fp32 bf16] [--json OUT.json]
 
-torchvision's Faster R-CNN with a ResNet-50 FPN backbone (randomly initialised, frozen
-BatchNorm like mmdet's ``norm_eval``; no OpenMMLab package, no download: it runs where only
-torch, torchvision and mmengine are installed) trained on random boxes. Rows, each trained
-with SGD from its own copy of one base, side by side in interleaved rounds:
-
-* full fine-tuning (every weight);
-* head only (backbone and FPN frozen: nothing before the heads gets a gradient), the floor;
-* Δ accurate: rank-8 ``LowRankDelta`` on the backbone, the FPN, the RPN conv and the box
-  head's FCs (the demo detector's ``delta_patch``);
-* Δ fast: ``preset='fast'``: a ``SideDelta`` network beside the ResNet (which then runs
-  without gradients) and rank-8 ``LowRankDelta`` on the FPN, the RPN conv and the box head.
-
-Each (round, row) moves its model to the device, builds its optimiser, runs warm-up and timed
-steps, and records the peak memory allocated above what was allocated before the model came
-(weights, gradients, optimiser state, activations); the model then leaves the device. Printed:
-median step time and peak memory with ratios to full fine-tuning, and inference latency of
-the base, the patches (accurate: weight form, folded once; fast: base + side network) with
-ratios to the base. The logic is ``mmdelta.apps.detector_cost``.
+torchvision's Faster R-CNN R-50 FPN (random weights, no download; only torch, torchvision
+and mmengine needed): full fine-tuning, head only, Δ accurate and Δ fast, side by side in
+interleaved rounds; medians and ratios to full fine-tuning. What each row is, and how it is
+measured: ``mmdelta.apps.detector_cost`` (the logic).
 """
 
 import argparse

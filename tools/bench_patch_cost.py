@@ -3,18 +3,10 @@
     python tools/bench_patch_cost.py [--device cuda] [--size 800 1344] [--batch 2]
         [--iters 20] [--bf16]
 
-A torchvision ResNet-50 trunk (randomly initialised; no OpenMMLab package, no download)
-stands in for a detector backbone, so the script also runs where only torch is installed
-(plus mmengine, which mmdelta imports). Each row is timed in the same process, interleaved
-over rounds; the printed figures are medians and ratios to the base (inference) or to full
-fine-tuning (training step), with peak memory.
-
-Inference rows: the base; patch inactive; the default LowRankDelta patch active in weight
-form (``W + ΔW`` folded once, what ``compute='auto'`` does in eval + no_grad) and in branch
-form; ScaleShiftDelta. Training rows: full fine-tuning (every weight, BatchNorm in eval like
-mmdet's ``norm_eval``); LowRankDelta in branch form (``compute='auto'``) and in weight form
-(``compute='weight'``), ScaleShiftDelta, BlockDelta, and ``task_norm`` with no Δ branches.
-The logic is ``mmdelta.apps.patch_cost``.
+A torchvision ResNet-50 trunk (random weights, no download) with the base, the patch off,
+the branch types in weight and branch form, and full fine-tuning, timed side by side in
+one process; medians and ratios. The rows and how they are timed:
+``mmdelta.apps.patch_cost`` (the logic).
 """
 
 import argparse

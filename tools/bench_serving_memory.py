@@ -3,25 +3,8 @@
     .venv/bin/python tools/bench_serving_memory.py [--config configs/delta_faster_rcnn_voc.py]
         [--counts 1 4 16] [--input-size 512] [--out result.json] [--workdir DIR]
 
-The config's ``model`` is built with random weights (ImageNet ``Pretrained`` initialisers
-removed: nothing downloads) and saved once as the base checkpoint; its ``delta_patch`` is
-applied and saved ``max(counts)`` times with different random values in every patch tensor
-(distinct real tensors, like trained patches). Every measurement then runs in a FRESH
-Python process, which reports its resident set size (``VmRSS`` from ``/proc/self/status`` after
-``gc.collect()`` and glibc's ``malloc_trim(0)``, so freed heap is not counted; the
-untrimmed value and the peak ``VmHWM`` are kept in the JSON):
-
-* ``baseline``: python + torch + mmengine + mmdet/mmseg models + mmdelta imported, the
-  config parsed, no model;
-* ``patches N``: one base built and loaded, N patch files loaded onto it (``load_patch``,
-  each under its own name), then one inference pass (``model.test_step``, no_grad, batch
-  ``1×3×S×S``) with the base and with each patch active in turn;
-* ``copies N``: N separate models, each built and loaded from the base checkpoint, then
-  one inference pass each.
-
-Increments per patch / per copy are least-squares slopes of RSS over N. Prints a markdown
-table; ``--out`` also writes the numbers as JSON. Linux only (reads ``/proc``). The logic
-is ``mmdelta.apps.serving_memory``.
+What each row measures, and how: ``mmdelta.apps.serving_memory`` (the logic). Prints a
+markdown table; ``--out`` also writes the numbers as JSON. Linux only (reads ``/proc``).
 """
 
 import argparse
