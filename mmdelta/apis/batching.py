@@ -25,9 +25,7 @@ from collections import Counter
 import torch
 from torch import nn
 
-from ..branches import AdditiveDelta
 from ..patching import NotRoutable, active_patch, routed_patches, set_active_patch
-from ..patching.slot import iter_slots
 from ..patching.state import patch_state
 
 STRATEGIES = ("auto", "group", "route")
@@ -46,7 +44,7 @@ class MixedBatchRunner:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         self.served, self.strategy = served, strategy
         self.route_min_models = int(route_min_models)
-        self.not_routable: set[str] = set()  # patches a routed forward failed for
+        self.routable: dict[str, bool] = {}  # patch -> can it run routed (False: it failed)
         self.stats: Counter = Counter()
 
     @property
@@ -65,7 +63,7 @@ class MixedBatchRunner:
                 for i, sample in zip(routable, samples, strict=True):
                     answers[i] = (sample, "route")
             except NotRoutable:
-                self.not_routable.update(items[i][1] for i in routable if items[i][1])
+                self.routable.update((items[i][1], False) for i in routable if items[i][1])
         rest = [i for i, answer in enumerate(answers) if answer is None]
         if rest:
             for i, sample in zip(rest, self.run_grouped([items[i] for i in rest]), strict=True):
@@ -84,19 +82,18 @@ class MixedBatchRunner:
         return list(groups.values())
 
     def can_route(self, name: str | None) -> bool:
-        """Whether ``name``'s samples can share a routed forward (see the module docstring)."""
+        """Whether ``name``'s samples can share a routed forward (see the module docstring):
+        :meth:`~mmdelta.patching.state.PatchState.routable`, decided once per patch (and
+        ``False`` once a routed forward of it failed)."""
         if name is None:
             return True
-        if name in self.not_routable:
-            return False
-        parts = [slot[name] for _, slot in iter_slots(self.model) if name in slot]
-        return not patch_state(self.model).attrs[name] and all(
-            isinstance(p, AdditiveDelta) and p.per_sample for p in parts
-        )
+        if name not in self.routable:
+            self.routable[name] = patch_state(self.model).routable(self.model, name)
+        return self.routable[name]
 
     def forget(self, name: str) -> None:
         """Drops what is known of patch ``name`` (it was unloaded)."""
-        self.not_routable.discard(name)
+        self.routable.pop(name, None)
 
     def _route_now(self, models: set, size: int) -> bool:
         if self.strategy == "group" or size < 2:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -56,7 +57,7 @@ class _Request:
 
 @dataclass
 class _Control:
-    run: callable
+    run: Callable[[], object]
     future: Future = field(default_factory=Future)
 
 
@@ -153,15 +154,7 @@ class PatchEngine:
 
     def patches(self) -> dict[str, dict]:
         """Patch name -> ``{"file", "classes", "own_classes"}`` for every loaded patch."""
-        metas, base = self.served.metas, self.served.metas[BASE]["classes"]
-        return {
-            name: {
-                "file": file,
-                "classes": _listed(metas[name]["classes"]),
-                "own_classes": metas[name]["classes"] != base,
-            }
-            for name, file in dict(self.served.patches).items()
-        }
+        return self.served.patch_entries()
 
     def health(self) -> dict:
         return {
@@ -259,10 +252,6 @@ def _resolve(future: Future, run) -> None:
         future.set_result(run())
     except Exception as err:
         future.set_exception(err)
-
-
-def _listed(classes) -> list[str] | None:
-    return None if classes is None else [str(c) for c in classes]
 
 
 def decode_image(data: bytes) -> np.ndarray:

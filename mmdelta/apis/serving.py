@@ -176,6 +176,17 @@ class MultiPatchInferencer:
         self.metas[name] = {"classes": tuple(own)} if own else dict(self.metas[BASE])
         self.patches[name] = str(path)
 
+    def patch_entries(self) -> dict[str, dict]:
+        """Patch name -> ``{"file", "classes", "own_classes"}`` for every loaded patch."""
+        return {
+            name: {
+                "file": file,
+                "classes": _listed(self.metas[name]["classes"]),
+                "own_classes": patch_classes(self.model, name) is not None,
+            }
+            for name, file in dict(self.patches).items()
+        }
+
     def remove_patch(self, name: str) -> None:
         """Unloads patch ``name`` (``KeyError`` for a name that is not loaded)."""
         if name not in self.patches:
@@ -310,14 +321,7 @@ class MultiPatchInferencer:
             "score_thr": score_thr if self.task == "det" else None,
             "models": {
                 BASE: {"classes": _listed(self.metas[BASE]["classes"])},
-                "patches": {
-                    name: {
-                        "file": file,
-                        "classes": _listed(self.metas[name]["classes"]),
-                        "own_classes": patch_classes(self.model, name) is not None,
-                    }
-                    for name, file in self.patches.items()
-                },
+                "patches": self.patch_entries(),
             },
             "images": records,
         }

@@ -70,7 +70,7 @@ class DeltaSlot(nn.ModuleDict):
         output = base_forward(*args, **kwargs)
         for name, index in rows.items():
             part = self._modules[name]
-            if not (isinstance(part, AdditiveDelta) and part.per_sample):
+            if not routes_per_sample(part):
                 raise NotRoutable(
                     f"patch {name!r} has a {type(part).__name__} on {type(layer).__name__}: "
                     "not an additive per-sample branch, it cannot be routed per sample"
@@ -78,6 +78,12 @@ class DeltaSlot(nn.ModuleDict):
             index = torch.tensor(index, device=x.device)
             output = output.index_add(0, index, part(x.index_select(0, index)))
         return output
+
+
+def routes_per_sample(part: nn.Module) -> bool:
+    """Whether ``part`` can add its Δ to its own samples of a routed batch: an additive
+    branch whose Δ of sample ``i`` reads sample ``i`` only."""
+    return isinstance(part, AdditiveDelta) and part.per_sample
 
 
 class NotRoutable(ValueError):

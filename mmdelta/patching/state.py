@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from torch import nn
 
 from .freeze import enforce_frozen_base, requires_grad_flags, restore_requires_grad
-from .slot import NotRoutable, iter_slots, remove_slot, slot_prefixes
+from .slot import NotRoutable, iter_slots, remove_slot, routes_per_sample, slot_prefixes
 
 #: the model attribute holding its :class:`PatchState`
 STATE_ATTR = "_mmdelta"
@@ -114,6 +114,14 @@ class PatchState:
                 for part in slot.values():
                     part.clear_cache()
         self.enforce(model, model.training)
+
+    def routable(self, model: nn.Module, name: str) -> bool:
+        """Whether patch ``name`` can run routed (:meth:`routed`): it keeps the base's head
+        attributes and every part of it adds a per-sample Δ. (A part in a module whose dim 0
+        is not the image batch is only found by running: ``NotRoutable``.)"""
+        self.check(name)
+        parts = (slot[name] for _, slot in iter_slots(model) if name in slot)
+        return not self.attrs[name] and all(routes_per_sample(p) for p in parts)
 
     @contextmanager
     def routed(self, model: nn.Module, routes: Sequence[str | None]) -> Iterator[nn.Module]:
