@@ -6,3 +6,7 @@ _base_ = "mmdet::pascal_voc/retinanet_r50_fpn_1x_voc0712.py"
 
 # retinanet_r50_fpn_1x_coco (box AP 36.5), from mmdet/.mim/configs/retinanet/metafile.yml
 load_from = "https://download.openmmlab.com/mmdetection/v2.0/retinanet/retinanet_r50_fpn_1x_coco/retinanet_r50_fpn_1x_coco_20200130-c2398f9e.pth"
+
+# load_from replaces every backbone weight: no ImageNet download first (upstream's VOC config
+# would fetch torchvision://resnet50 only to overwrite it, and fails offline)
+model = dict(backbone=dict(init_cfg=None))

@@ -24,10 +24,11 @@ from mmdelta.apps.benchmark.report import (
     recommend,
 )
 from mmdelta.apps.benchmark.run import _set_iterations
-from mmdelta.apps.benchmark.settings import config_file, real_setting
+from mmdelta.apps.benchmark.settings import real_setting
 from mmdelta.evaluation import evaluate, first_difference
 from mmdelta.patching import apply_delta_patch, delta_disabled
 from mmdelta.patching.config import resolve_config
+from mmdelta.runner.cli import config_file
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_SHIFT = ROOT / "configs/demo/det_shapes_shifted.py"

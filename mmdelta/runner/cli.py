@@ -2,6 +2,7 @@
 
 import os
 import os.path as osp
+from pathlib import Path
 
 from mmengine.config import Config, ConfigDict
 from mmengine.registry import RUNNERS
@@ -10,18 +11,38 @@ from mmengine.runner import Runner
 from .delta_runner import PATCH_FILE_KEY, DeltaRunner
 
 
+def config_file(path: str | Path) -> str:
+    """``path``, or the installed file a ``package::relative/path.py`` name stands for
+    (``mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py``: mmdet's own configs, as
+    ``_base_`` names them)."""
+    if "::" not in str(path):
+        return str(path)
+    from mmengine.config.utils import _get_package_and_cfg_path
+    from mmengine.utils import get_installed_path
+
+    try:
+        package, relative = _get_package_and_cfg_path(str(path))
+    except ValueError as err:
+        raise FileNotFoundError(f"config {str(path)!r}: {err}") from err
+    return str(Path(get_installed_path(package)) / ".mim" / "configs" / relative)
+
+
 def load_config(path: str, cfg_options: dict | None, work_dir: str | None, launcher: str):
-    """The config at ``path`` with command-line overrides; ``work_dir`` defaults as upstream."""
-    if not osp.isfile(path):
-        raise SystemExit(f"config file {path!r} does not exist")
-    cfg = Config.fromfile(path)
+    """The config at ``path`` (a file, or ``mmdet::…`` / ``mmseg::…`` for an installed one)
+    with command-line overrides; ``work_dir`` defaults as upstream."""
+    file = config_file(path)
+    if not osp.isfile(file):
+        raise SystemExit(
+            f"config file {path!r} does not exist" + (f" ({file})" if file != path else "")
+        )
+    cfg = Config.fromfile(file)
     cfg.launcher = launcher
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
     if work_dir is not None:
         cfg.work_dir = work_dir
     elif cfg.get("work_dir") is None:
-        cfg.work_dir = osp.join("./work_dirs", osp.splitext(osp.basename(path))[0])
+        cfg.work_dir = osp.join("./work_dirs", osp.splitext(osp.basename(file))[0])
     return cfg
 
 

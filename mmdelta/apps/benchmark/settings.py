@@ -10,6 +10,7 @@ from pathlib import Path
 from mmengine.config import Config
 
 from ...datasets.paths import DEFAULT_LOADERS, check_dataset_paths
+from ...runner.cli import config_file
 from ..demo.preparation import base_checkpoint, task_config, write_task_data
 from ..demo.stories import SIZES, STORIES
 from .methods import BenchmarkError
@@ -59,21 +60,6 @@ def _set_data_root(node, root: str) -> int:
         for value in node:
             count += _set_data_root(value, root)
     return count
-
-
-def config_file(path: str | Path) -> str:
-    """``path``, or the installed file a ``package::relative/path.py`` name stands for
-    (``mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py``: mmdet's own configs)."""
-    if "::" not in str(path):
-        return str(path)
-    from mmengine.config.utils import _get_package_and_cfg_path
-    from mmengine.utils import get_installed_path
-
-    try:
-        package, relative = _get_package_and_cfg_path(str(path))
-    except ValueError as err:
-        raise FileNotFoundError(f"config {str(path)!r}: {err}") from err
-    return str(Path(get_installed_path(package)) / ".mim" / "configs" / relative)
 
 
 def _load(path: str | Path, what: str, cfg_options: dict | None) -> Config:
