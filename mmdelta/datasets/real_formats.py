@@ -134,7 +134,7 @@ CITYSCAPES_LABELS = (
     ("train", 31, 16, True, False, (0, 80, 100)),
     ("motorcycle", 32, 17, True, False, (0, 0, 230)),
     ("bicycle", 33, 18, True, False, (119, 11, 32)),
-    ("license plate", -1, -1, True, True, (0, 0, 142)),
+    ("license plate", -1, -1, False, True, (0, 0, 142)),
 )
 
 #: mmseg ``ADE20KDataset.METAINFO['classes']`` (label ``k`` = ``ADE20K_CLASSES[k-1]``;
