@@ -405,8 +405,16 @@ def test_second_call_reuses_and_other_parameters_raise(data, key, write, other, 
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == before
 
 
-def test_deterministic(data, tmp_path):
-    again = Path(write_ade20k(tmp_path / "ade"))
-    for p in data["ade20k"].rglob("*"):
-        if p.is_file():
-            assert p.read_bytes() == (again / p.relative_to(data["ade20k"])).read_bytes()
+def test_rehearsal_data_is_deterministic(data, tmp_path):
+    again = rehearsal_data(tmp_path)
+    assert again == {
+        "voc": str(tmp_path / "VOCdevkit"),
+        "coco": str(tmp_path / "coco"),
+        "cityscapes": str(tmp_path / "cityscapes"),
+        "ade20k": str(tmp_path / "ade" / "ADEChallengeData2016"),
+    }
+    for key, root in data.items():
+        files = sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
+        assert len(files) >= 10
+        for rel in files:
+            assert (root / rel).read_bytes() == (Path(again[key]) / rel).read_bytes(), rel
