@@ -166,7 +166,9 @@ def test_coco_json_has_the_real_categories(data):
     assert len(ids) == 80 and ids[0] == 1 and ids[-1] == 90 and len(set(ids)) == 80
     assert sorted(set(range(1, 91)) - set(ids)) == [12, 26, 29, 30, 45, 66, 68, 69, 71, 83]
     assert {c["name"]: c["supercategory"] for c in cats}["tv"] == "electronic"
-    assert [im["file_name"] for im in doc["images"]] == [f"{k:012d}.jpg" for k in range(1, 5)]
+    assert [im["file_name"] for im in doc["images"]] == [
+        f"{k:012d}.jpg" for k in range(5, 9)
+    ]  # after train2017's
     for im in doc["images"]:
         assert (data["coco"] / "val2017" / im["file_name"]).is_file()
         assert (im["height"], im["width"]) == (96, 128)
@@ -189,9 +191,9 @@ def test_coco_loads_and_scores_bbox_and_segm_1(data):
     assert val.cat_ids[:3] == [1, 2, 3] and val.cat_ids[-1] == 90
     sample = val[0]["data_samples"]
     assert sample.gt_instances.masks.to_ndarray().any(axis=(1, 2)).all()
-    train_cfg = _dataset_cfg(cfg_file, "train_dataloader", data["coco"], INST_LOAD)
-    train_cfg.update(ann_file="annotations/instances_val2017.json", data_prefix=dict(img="val2017/"))  # fmt: skip
-    assert len(_build("mmdet", train_cfg)) == 4  # filter_cfg keeps them all
+    train = _build("mmdet", _dataset_cfg(cfg_file, "train_dataloader", data["coco"], INST_LOAD))
+    assert len(train) == 4  # train2017 (other scenes, ids 1..4); filter_cfg keeps them all
+    assert train.get_data_info(0)["img_id"] == 1 and val.get_data_info(0)["img_id"] == 5
     metric = CocoMetric(
         ann_file=str(data["coco"] / "annotations" / "instances_val2017.json"),
         metric=["bbox", "segm"],
@@ -382,15 +384,15 @@ def test_ade20k_loads_and_scores_miou_100(data):
 
 
 @pytest.mark.parametrize(
-    "key, write, other",
+    "key, write, same, other",
     [
-        ("voc", write_voc0712, dict(num_test=5)),
-        ("coco", write_coco, dict(seed=1)),
-        ("cityscapes", write_cityscapes, dict(num_val=3)),
-        ("ade20k", write_ade20k, dict(image_size=(96, 96))),
+        ("voc", write_voc0712, {}, dict(num_test=5)),
+        ("coco", write_coco, dict(splits=["train2017", "val2017"]), dict(splits=("val2017",))),
+        ("cityscapes", write_cityscapes, {}, dict(num_val=3)),
+        ("ade20k", write_ade20k, {}, dict(image_size=(96, 96))),
     ],
 )
-def test_second_call_reuses_and_other_parameters_raise(data, key, write, other, monkeypatch):
+def test_second_call_reuses_and_other_parameters_raise(data, key, write, same, other, monkeypatch):
     root = data[key]
     before = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
 
@@ -398,7 +400,7 @@ def test_second_call_reuses_and_other_parameters_raise(data, key, write, other, 
         raise AssertionError("regenerated")
 
     monkeypatch.setattr(rf, "_scene", fail)
-    assert write(root) == str(root)
+    assert write(root, **same) == str(root)
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == before
     with pytest.raises(DatasetExistsError):
         write(root, **other)

@@ -699,11 +699,12 @@ def write_ade20k(
 def rehearsal_data(root: str | os.PathLike) -> dict[str, str]:
     """All four trees with default sizes under ``root``, laid out as the upstream configs'
     ``data_root`` expects below ``data/``: ``{'voc': root/VOCdevkit, 'coco': root/coco,
-    'cityscapes': root/cityscapes, 'ade20k': root/ade/ADEChallengeData2016}``."""
+    'cityscapes': root/cityscapes, 'ade20k': root/ade/ADEChallengeData2016}``. COCO gets
+    ``train2017`` and ``val2017`` (the COCO configs train on the first), 4 images each."""
     root = Path(root)
     return dict(
         voc=write_voc0712(root / "VOCdevkit"),
-        coco=write_coco(root / "coco"),
+        coco=write_coco(root / "coco", splits=("train2017", "val2017")),
         cityscapes=write_cityscapes(root / "cityscapes"),
         ade20k=write_ade20k(root / "ade" / "ADEChallengeData2016"),
     )
