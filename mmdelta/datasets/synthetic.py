@@ -375,8 +375,12 @@ def _scene(
     kinds: dict[str, str],
     split: str,
     index: int,
+    background: np.ndarray | None = None,
 ) -> tuple[np.ndarray, list[dict]]:
-    """One image (BGR uint8) and its objects; RNG streams keyed by (seed, split, index)."""
+    """One image (BGR uint8) and its objects; RNG streams keyed by (seed, split, index).
+
+    ``background`` (float32 ``(h, w, 3)`` BGR) replaces the style's own background.
+    """
     h, w = params["image_size"]
     classes = tuple(params["object_classes"])
     split_code = zlib.crc32(split.encode())
@@ -395,7 +399,10 @@ def _scene(
         tuple(params["object_size"]),
         params["max_overlap"],
     )
-    img = _background(look, params["style"], h, w)
+    if background is None:
+        img = _background(look, params["style"], h, w)
+    else:
+        img = np.array(background, np.float32, copy=True)
     for obj in objects:
         a = obj["alpha"]
         y, x = obj["y0"], obj["x0"]
@@ -545,9 +552,8 @@ def write_voc_dataset(
     return _generate(Path(root), params, write)
 
 
-def _voc_xml(
-    img_id: str, width: int, height: int, objects: list[tuple[str, tuple]], folder: str
-) -> str:
+def _voc_xml(img_id: str, width: int, height: int, objects: list[tuple], folder: str) -> str:
+    """VOC annotation XML; ``objects``: ``(name, inclusive box[, difficult])`` tuples."""
     lines = [
         "<annotation>",
         f"\t<folder>{escape(folder)}</folder>",
@@ -562,13 +568,14 @@ def _voc_xml(
         "\t</size>",
         "\t<segmented>0</segmented>",
     ]
-    for name, (x0, y0, x1, y1) in objects:
+    for name, (x0, y0, x1, y1), *rest in objects:
+        difficult = int(rest[0]) if rest else 0
         lines += [
             "\t<object>",
             f"\t\t<name>{escape(name)}</name>",
             "\t\t<pose>Unspecified</pose>",
             "\t\t<truncated>0</truncated>",
-            "\t\t<difficult>0</difficult>",
+            f"\t\t<difficult>{difficult}</difficult>",
             "\t\t<bndbox>",
             f"\t\t\t<xmin>{x0 + 1}</xmin>",
             f"\t\t\t<ymin>{y0 + 1}</ymin>",
