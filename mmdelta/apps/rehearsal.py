@@ -37,6 +37,7 @@ import torch
 from mmengine.config import Config
 from mmengine.logging import MMLogger
 
+from ..datasets import rehearsal_data
 from ..fileio import write_atomic
 from ..runner.cli import config_file
 from ..runner.model_setup import null_pretrained
@@ -194,16 +195,16 @@ def _quiet_logger():
 # --------------------------------------------------------------------------- cfg-options
 
 
-def _walk(node, key: str) -> Iterator[tuple[str, object]]:
+def dotted_items(node, key: str) -> Iterator[tuple[str, object]]:
     """Every ``(dotted key, value)`` under ``node``, list items by index (as
     ``--cfg-options`` addresses them)."""
     yield key, node
     if isinstance(node, Mapping):
         for k, v in node.items():
-            yield from _walk(v, f"{key}.{k}")
+            yield from dotted_items(v, f"{key}.{k}")
     elif isinstance(node, list | tuple):
         for i, v in enumerate(node):
-            yield from _walk(v, f"{key}.{i}")
+            yield from dotted_items(v, f"{key}.{i}")
 
 
 def _leaf_datasets(dataset, key: str) -> Iterator[tuple[str, Mapping]]:
@@ -263,13 +264,13 @@ def rehearsal_options(
             if dataset.get("data_root") is not None:
                 old_roots.add(str(dataset["data_root"]))
             options[f"{key}.data_root"] = data_root
-            for step_key, value in _walk(dataset.get("pipeline", []), f"{key}.pipeline"):
+            for step_key, value in dotted_items(dataset.get("pipeline", []), f"{key}.pipeline"):
                 if step_key.rsplit(".", 1)[-1] in _SCALE_KEYS:
                     options[step_key] = _shrunk(value)
     for part in (*loaders, *evaluators):
         if cfg.get(part) is None:
             continue
-        for key, value in _walk(cfg[part], part):
+        for key, value in dotted_items(cfg[part], part):
             if isinstance(value, str) and not key.endswith(".data_root"):
                 for old in old_roots:
                     moved = _point(value, old, data_root)
@@ -337,15 +338,16 @@ def _patch_name(config: str) -> str:
     return Config.fromfile(str(ROOT / config)).delta_patch.get("name", "delta")
 
 
-def prepare(out: str | Path, seed: int = 0) -> tuple[dict[str, str], dict[str, Path]]:
+def prepare(
+    out: str | Path, rehearsals: tuple[Rehearsal, ...] = REHEARSALS, seed: int = 0
+) -> tuple[dict[str, str], dict[str, Path]]:
     """Writes (or reuses) the stand-in data under ``out/data`` and a base checkpoint per
-    base config under ``out/checkpoints``; returns ``(data roots, checkpoints)``."""
-    from ..datasets import rehearsal_data
-
+    base config of ``rehearsals`` under ``out/checkpoints``; returns ``(data roots,
+    {base config: checkpoint})``."""
     out = Path(out)
     roots = rehearsal_data(out / "data")
     checkpoints = {}
-    for r in REHEARSALS:
+    for r in rehearsals:
         name = Path(config_file(r.base_config)).stem
         checkpoints[r.base_config] = write_base_checkpoint(
             r.base_config, out / "checkpoints" / f"{name}.pth", seed
@@ -431,3 +433,34 @@ def plan(r: Rehearsal, roots: Mapping[str, str], checkpoint: Path, work: str | P
         ],
     }
     return p
+
+
+def benchmark_command(
+    r: Rehearsal, roots: Mapping[str, str], checkpoint: Path, out: str | Path, iters: int = 4
+) -> list[str]:
+    """``tools/benchmark.py`` on the stand-ins of ``r`` (a short protocol: ``iters``
+    iterations per run, one lr per method, one seed, no equal-time rows)."""
+    cfg = Config.fromfile(str(ROOT / r.config))
+    shrink = {
+        k: v
+        for k, v in rehearsal_options(cfg, roots[r.data], loaders=LOADERS, evaluators=()).items()
+        if k.rsplit(".", 1)[-1] in (*_SCALE_KEYS, "size", "num_workers", "persistent_workers")
+    }
+    return [
+        sys.executable,
+        str(ROOT / "tools" / "benchmark.py"),
+        "--config", str(ROOT / r.config),
+        "--checkpoint", str(checkpoint),
+        "--base-config", r.base_config,
+        "--finetune-config", str(ROOT / r.twin),
+        "--data-root", roots[r.data],
+        "--base-data-root", roots[r.base_data],
+        "--iters", str(iters),
+        "--lr-scales", "1",
+        "--seeds", "1",
+        "--no-equal-time",
+        "--cost-repeats", "1",
+        "--latency-images", "2",
+        "--out", str(out),
+        "--cfg-options", *cli_options(shrink),
+    ]  # fmt: skip

@@ -4,7 +4,9 @@ import os
 import os.path as osp
 from pathlib import Path
 
+import torch
 from mmengine.config import Config, ConfigDict
+from mmengine.logging import print_log
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
@@ -69,6 +71,22 @@ def resolve_resume(cfg, resume: str | None) -> None:
         print(f"mmdelta: nothing to resume in {cfg.work_dir}; starting from the base")
 
 
+def _fp32_without_gpu(cfg) -> None:
+    """``AmpOptimWrapper`` asserts a GPU (the ConvNeXt zoo configs use it): without one the
+    config trains with ``OptimWrapper`` in fp32, and says so."""
+    wrapper = cfg.get("optim_wrapper")
+    if (
+        wrapper is None
+        or torch.cuda.is_available()
+        or str(wrapper.get("type", "")).split(".")[-1] != "AmpOptimWrapper"
+    ):
+        return
+    for key in ("loss_scale", "dtype", "use_fsdp"):
+        wrapper.pop(key, None)
+    wrapper["type"] = "OptimWrapper"
+    print_log("mmdelta: AmpOptimWrapper needs a GPU; training in fp32 with OptimWrapper")
+
+
 def add_tta(cfg) -> None:
     """Wraps the model in the config's ``tta_model`` and uses its ``tta_pipeline``."""
     missing = [k for k in ("tta_model", "tta_pipeline") if k not in cfg]
@@ -79,10 +97,12 @@ def add_tta(cfg) -> None:
 
 
 def build_runner(cfg) -> Runner:
-    """``DeltaRunner`` when the config carries a patch; otherwise what upstream would build."""
+    """``DeltaRunner`` when the config carries a patch; otherwise what upstream would build
+    (on a machine without a GPU, an ``AmpOptimWrapper`` trains in fp32, as DeltaRunner's)."""
     if cfg.get("delta_patch") is not None or cfg.get(PATCH_FILE_KEY):
         cfg.pop("runner_type", None)
         return DeltaRunner.from_cfg(cfg)
+    _fp32_without_gpu(cfg)
     if "runner_type" in cfg:
         return RUNNERS.build(cfg)
     return Runner.from_cfg(cfg)
