@@ -54,15 +54,20 @@ def test_options_only_repoint_data_and_shrink_existing_settings(config, data, tm
     roots = data_roots(tmp_path_factory)
     cfg = Config.fromfile(config_file(config) if "::" in config else str(ROOT / config))
     before = Config.fromfile(cfg.filename)
-    options = rehearsal_options(cfg, roots[data], "/stand-in/base.pth")
+    options = rehearsal_options(
+        cfg, roots[data], "/stand-in/base.pth", validate="finetune" not in config, save=False
+    )
     # every option names a setting the config already has (nothing added), but load_from
-    invented = [k for k in options if k != "load_from" and not _exists(cfg, k)]
+    # and the loop's val_begin (only set to skip a validation)
+    invented = [
+        k for k in options if k not in ("load_from", "train_cfg.val_begin") and not _exists(cfg, k)
+    ]
     assert not invented, invented
     renamed = {k.rsplit(".", 1)[-1] for k in options}
     assert renamed <= {
         "data_root", "num_workers", "persistent_workers", "scale", "scales", "crop_size",
         "size", "ann_file", "seg_prefix", "max_epochs", "max_iters", "val_interval",
-        "interval", "load_from", "stride",
+        "interval", "load_from", "stride", "val_begin", "save_last",
     }, renamed  # fmt: skip
     # the command-line form parses back (mmengine's DictAction) to the same values
     namespace = argparse.Namespace()
@@ -106,6 +111,9 @@ def test_plan_and_cli(tmp_path, tmp_path_factory):
     assert "--resume" in p.commands["resume"]
     assert "train_cfg.max_iters=4" in p.commands["resume"]
     assert "train_cfg.max_iters=1" in p.commands["twin"]
+    assert "train_cfg.val_begin=2" in p.commands["twin"]  # trains only
+    assert "default_hooks.checkpoint.save_last=False" in p.commands["twin"]
+    assert "train_cfg.val_begin=5" in p.commands["resume"]  # validated in the first run
     assert p.commands["base"][2] == r.base_config
     with pytest.raises(KeyError, match="no rehearsal"):
         rehearsal("configs/demo/det_shapes_base.py")

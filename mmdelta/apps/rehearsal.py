@@ -241,6 +241,8 @@ def rehearsal_options(
     evaluators: tuple[str, ...] = EVALUATORS,
     epochs: int = 1,
     iters: int = REHEARSAL_ITERS,
+    validate: bool = True,
+    save: bool = True,
 ) -> dict[str, object]:
     """The ``--cfg-options`` that rehearse ``cfg`` on the stand-in data at ``data_root``.
 
@@ -248,9 +250,11 @@ def rehearsal_options(
     ``evaluators`` that starts with a dataset's old root (``CocoMetric.ann_file``,
     ``CityScapesMetric.seg_prefix``) is moved with it. Image scales and crops in the
     pipelines, ``model.data_preprocessor.size`` and a sliding-window ``model.test_cfg`` are
-    divided by :data:`SCALE_DIVISOR`. The schedule: ``epochs`` epochs (epoch-based loops;
-    validation after each) or ``iters`` iterations (validation and a checkpoint at the end);
-    loaders use no worker processes. ``checkpoint`` replaces ``load_from``.
+    divided by :data:`SCALE_DIVISOR`. The schedule: ``epochs`` epochs (epoch-based loops) or
+    ``iters`` iterations, with one validation at the end (none: ``validate=False``, which
+    moves ``train_cfg.val_begin`` past the end) and the checkpoint the config's hook saves
+    there (none: ``save=False``); loaders use no worker processes. ``checkpoint`` replaces
+    ``load_from``.
     """
     data_root = str(data_root)
     options: dict[str, object] = {}
@@ -284,13 +288,17 @@ def rehearsal_options(
         options["model.test_cfg.crop_size"] = _shrunk(test_cfg.crop_size)
         options["model.test_cfg.stride"] = _shrunk(test_cfg.stride)
     if "train_dataloader" in loaders and cfg.get("train_cfg") is not None:
-        if cfg.train_cfg.get("type") == "EpochBasedTrainLoop" or "max_epochs" in cfg.train_cfg:
-            options["train_cfg.max_epochs"] = epochs
-            options["train_cfg.val_interval"] = 1
-        else:
-            options["train_cfg.max_iters"] = iters
-            options["train_cfg.val_interval"] = iters
-            options["default_hooks.checkpoint.interval"] = iters
+        by_epoch = (
+            cfg.train_cfg.get("type") == "EpochBasedTrainLoop" or "max_epochs" in cfg.train_cfg
+        )
+        end = epochs if by_epoch else iters
+        options["train_cfg.max_epochs" if by_epoch else "train_cfg.max_iters"] = end
+        options["train_cfg.val_interval"] = end
+        if not validate:  # (mmengine's loops always validate at the end from val_begin on)
+            options["train_cfg.val_begin"] = end + 1
+        if not save:  # (CheckpointHook's save_last saves the end whatever the interval)
+            options["default_hooks.checkpoint.save_last"] = False
+            options["default_hooks.checkpoint.interval"] = end + 1
     if checkpoint is not None:
         options["load_from"] = str(checkpoint)
     return options
@@ -361,12 +369,18 @@ def plan(r: Rehearsal, roots: Mapping[str, str], checkpoint: Path, work: str | P
     python, tools = sys.executable, ROOT / "tools"
     cfg = Config.fromfile(str(ROOT / r.config))
     first = rehearsal_options(cfg, roots[r.data], checkpoint)
+    # resume: one more epoch / REHEARSAL_ITERS more iterations (the validation was rehearsed)
     extended = rehearsal_options(
-        cfg, roots[r.data], checkpoint, epochs=2, iters=2 * REHEARSAL_ITERS
+        cfg, roots[r.data], checkpoint, epochs=2, iters=2 * REHEARSAL_ITERS, validate=False
     )
-    # the twin: one epoch of the tiny data, or one iteration
+    # the twin: one epoch of the tiny data, or one iteration; it trains, nothing more
     twin = rehearsal_options(
-        Config.fromfile(str(ROOT / r.twin)), roots[r.data], checkpoint, iters=1
+        Config.fromfile(str(ROOT / r.twin)),
+        roots[r.data],
+        checkpoint,
+        iters=1,
+        validate=False,
+        save=False,
     )
     base_cfg = Config.fromfile(config_file(r.base_config))
     base = rehearsal_options(

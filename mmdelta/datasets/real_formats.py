@@ -702,13 +702,13 @@ def rehearsal_data(root: str | os.PathLike) -> dict[str, str]:
     'coco': root/coco, 'cityscapes': root/cityscapes, 'ade20k':
     root/ade/ADEChallengeData2016}``. Sizes: VOC 1 + 1 trainval images (VOC2007, VOC2012)
     and 2 test; COCO ``train2017`` and ``val2017`` (the COCO configs train on the first), 2
-    images each; Cityscapes 2 train images (one per city) and 2 val; ADE20K 2 + 2. A
+    images each; Cityscapes 1 train image and 2 val (two cities); ADE20K 2 + 2. A
     rehearsal trains through the configs' repeat wrappers (×3 VOC, ×8 Cityscapes), so every
     training image costs several iterations."""
     root = Path(root)
     return dict(
         voc=write_voc0712(root / "VOCdevkit", num_train=(1, 1), num_test=2),
         coco=write_coco(root / "coco", splits=("train2017", "val2017"), num_images=2),
-        cityscapes=write_cityscapes(root / "cityscapes", num_train=2, num_val=2),
+        cityscapes=write_cityscapes(root / "cityscapes", num_train=1, num_val=2),
         ade20k=write_ade20k(root / "ade" / "ADEChallengeData2016", num_train=2, num_val=2),
     )
