@@ -26,7 +26,8 @@ from rehearsal_files import base_checkpoint, data_roots
 
 from mmdelta.apis.inference import init_base_model
 from mmdelta.apps.benchmark.run import KNOWN_METRICS
-from mmdelta.apps.rehearsal import REHEARSALS, dotted_items, plan, rehearsal_options
+from mmdelta.apps.rehearsal import REHEARSALS, plan, rehearsal_options
+from mmdelta.datasets.data_root import dotted_items
 from mmdelta.evaluation import evaluate, first_difference
 from mmdelta.patching import base_state_dict, delta_disabled, load_patch, read_patch_file
 from mmdelta.runner.cli import config_file

@@ -17,11 +17,11 @@ from mmdelta.apps.rehearsal import (
     REHEARSALS,
     SCALE_DIVISOR,
     cli_options,
-    dotted_items,
     plan,
     rehearsal,
     rehearsal_options,
 )
+from mmdelta.datasets.data_root import dotted_items
 from mmdelta.datasets.paths import check_dataset_paths
 from mmdelta.runner.cli import config_file
 

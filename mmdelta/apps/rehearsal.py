@@ -29,7 +29,7 @@ import importlib
 import logging
 import shlex
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +38,7 @@ from mmengine.config import Config
 from mmengine.logging import MMLogger
 
 from ..datasets import rehearsal_data
+from ..datasets.data_root import dotted_items, leaf_datasets, move_data_root
 from ..fileio import write_atomic
 from ..runner.cli import config_file
 from ..runner.model_setup import null_pretrained
@@ -195,41 +196,12 @@ def _quiet_logger():
 # --------------------------------------------------------------------------- cfg-options
 
 
-def dotted_items(node, key: str) -> Iterator[tuple[str, object]]:
-    """Every ``(dotted key, value)`` under ``node``, list items by index (as
-    ``--cfg-options`` addresses them)."""
-    yield key, node
-    if isinstance(node, Mapping):
-        for k, v in node.items():
-            yield from dotted_items(v, f"{key}.{k}")
-    elif isinstance(node, list | tuple):
-        for i, v in enumerate(node):
-            yield from dotted_items(v, f"{key}.{i}")
-
-
-def _leaf_datasets(dataset, key: str) -> Iterator[tuple[str, Mapping]]:
-    if "datasets" in dataset:
-        for i, d in enumerate(dataset["datasets"]):
-            yield from _leaf_datasets(d, f"{key}.datasets.{i}")
-    elif "dataset" in dataset:
-        yield from _leaf_datasets(dataset["dataset"], f"{key}.dataset")
-    else:
-        yield key, dataset
-
-
 def _shrunk(value):
     if isinstance(value, int | float) and not isinstance(value, bool):
         return max(8, int(value) // SCALE_DIVISOR)
     if isinstance(value, list | tuple):
         return type(value)(_shrunk(v) for v in value)
     return value
-
-
-def _point(value: str, old_root: str, new_root: str) -> str | None:
-    old = old_root.rstrip("/")
-    if value == old or value.startswith(old + "/"):
-        return new_root.rstrip("/") + value[len(old) :]
-    return None
 
 
 def rehearsal_options(
@@ -256,30 +228,18 @@ def rehearsal_options(
     there (none: ``save=False``); loaders use no worker processes. ``checkpoint`` replaces
     ``load_from``.
     """
-    data_root = str(data_root)
-    options: dict[str, object] = {}
-    old_roots = set()
+    options: dict[str, object] = dict(
+        move_data_root(copy.deepcopy(cfg), str(data_root), loaders, evaluators)
+    )
     for loader in loaders:
         if cfg.get(loader) is None:
             continue
         options[f"{loader}.num_workers"] = 0
         options[f"{loader}.persistent_workers"] = False
-        for key, dataset in _leaf_datasets(cfg[loader]["dataset"], f"{loader}.dataset"):
-            if dataset.get("data_root") is not None:
-                old_roots.add(str(dataset["data_root"]))
-            options[f"{key}.data_root"] = data_root
+        for key, dataset in leaf_datasets(cfg[loader]["dataset"], f"{loader}.dataset"):
             for step_key, value in dotted_items(dataset.get("pipeline", []), f"{key}.pipeline"):
                 if step_key.rsplit(".", 1)[-1] in _SCALE_KEYS:
                     options[step_key] = _shrunk(value)
-    for part in (*loaders, *evaluators):
-        if cfg.get(part) is None:
-            continue
-        for key, value in dotted_items(cfg[part], part):
-            if isinstance(value, str) and not key.endswith(".data_root"):
-                for old in old_roots:
-                    moved = _point(value, old, data_root)
-                    if moved is not None:
-                        options[key] = moved
     model = cfg.get("model", {})
     if model.get("data_preprocessor", {}).get("size") is not None:
         options["model.data_preprocessor.size"] = _shrunk(model.data_preprocessor.size)

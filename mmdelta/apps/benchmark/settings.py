@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 
 from mmengine.config import Config
 
+from ...datasets.data_root import move_data_root
 from ...datasets.paths import DEFAULT_LOADERS, check_dataset_paths
 from ...runner.cli import config_file
 from ..demo.preparation import base_checkpoint, task_config, write_task_data
@@ -45,21 +46,6 @@ def embedded_setting(
         metric_key=st.metric_key,
         metric_label=st.metric_label,
     )
-
-
-def _set_data_root(node, root: str) -> int:
-    """Sets ``data_root`` of every dataset under ``node``; returns how many were set."""
-    count = 0
-    if isinstance(node, Mapping):
-        if "data_root" in node:
-            node["data_root"] = root
-            count += 1
-        for value in node.values():
-            count += _set_data_root(value, root)
-    elif isinstance(node, (list, tuple)):
-        for value in node:
-            count += _set_data_root(value, root)
-    return count
 
 
 def _load(path: str | Path, what: str, cfg_options: dict | None) -> Config:
@@ -108,8 +94,10 @@ def real_setting(
     )
     for cfg, root in ((task_cfg, data_root), (finetune_cfg, data_root), (base_cfg, base_data_root)):
         if cfg is not None and root:
+            # the datasets' roots and the evaluator paths written out under them
+            moved = move_data_root(cfg, root)
             for key in DEFAULT_LOADERS:
-                if key in cfg and cfg[key] is not None and not _set_data_root(cfg[key], root):
+                if cfg.get(key) is not None and not any(k.startswith(f"{key}.") for k in moved):
                     raise BenchmarkError(f"--data-root: {cfg.filename}'s {key} has no data_root")
     check_dataset_paths(task_cfg)
     if base_cfg is not None:
