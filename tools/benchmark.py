@@ -8,7 +8,7 @@ Real data (a Δ training config of the new task, e.g. configs/delta_faster_rcnn_
 
     .venv/bin/python tools/benchmark.py --config DELTA_CONFIG [--checkpoint BASE.pth]
         [--base-config BASE_CONFIG] [--finetune-config FT_CONFIG] [--data-root DIR]
-        [--base-data-root DIR] [--metric KEY]
+        [--base-data-root DIR] [--metric KEY] [--cfg-options …] [--base-cfg-options …]
 
 Every method trains from the same base with the config's schedule (its own delta_patch is
 Δ-Patching's default; variants change placement by stage, branch type and rank one at a
@@ -80,7 +80,18 @@ def parse_args(argv=None):
     real.add_argument("--data-root", help="data_root of the new task's datasets")
     real.add_argument("--base-data-root", help="data_root of the base task's test set")
     real.add_argument("--metric", help="evaluator key to compare (default: mAP / mIoU)")
-    real.add_argument("--cfg-options", nargs="+", action=DictAction, help="config overrides")
+    real.add_argument(
+        "--cfg-options",
+        nargs="+",
+        action=DictAction,
+        help="overrides of the new task's configs (--config, --finetune-config)",
+    )
+    real.add_argument(
+        "--base-cfg-options",
+        nargs="+",
+        action=DictAction,
+        help="overrides of --base-config (another task: its own keys)",
+    )
     parser.add_argument("--out", help="output folder (default work_dirs/benchmark/<name>)")
     parser.add_argument(
         "--ft-lr",
@@ -180,6 +191,7 @@ def main(argv=None) -> int:
                 args.base_data_root,
                 args.metric,
                 args.cfg_options,
+                args.base_cfg_options,
             )
         else:
             setting = embedded_setting(

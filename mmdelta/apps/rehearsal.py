@@ -414,12 +414,16 @@ def benchmark_command(
 ) -> list[str]:
     """``tools/benchmark.py`` on the stand-ins of ``r`` (a short protocol: ``iters``
     iterations per run, one lr per method, one seed, no equal-time rows)."""
-    cfg = Config.fromfile(str(ROOT / r.config))
-    shrink = {
-        k: v
-        for k, v in rehearsal_options(cfg, roots[r.data], loaders=LOADERS, evaluators=()).items()
-        if k.rsplit(".", 1)[-1] in (*_SCALE_KEYS, "size", "num_workers", "persistent_workers")
-    }
+
+    def shrink(cfg: Config, root: str, loaders: tuple[str, ...]) -> dict[str, object]:
+        keep = (*_SCALE_KEYS, "size", "num_workers", "persistent_workers")
+        options = rehearsal_options(cfg, root, loaders=loaders, evaluators=())
+        return {k: v for k, v in options.items() if k.rsplit(".", 1)[-1] in keep}
+
+    task = shrink(Config.fromfile(str(ROOT / r.config)), roots[r.data], LOADERS)
+    base = shrink(
+        Config.fromfile(config_file(r.base_config)), roots[r.base_data], ("test_dataloader",)
+    )
     return [
         sys.executable,
         str(ROOT / "tools" / "benchmark.py"),
@@ -436,5 +440,6 @@ def benchmark_command(
         "--cost-repeats", "1",
         "--latency-images", "2",
         "--out", str(out),
-        "--cfg-options", *cli_options(shrink),
+        "--cfg-options", *cli_options(task),
+        "--base-cfg-options", *cli_options(base),
     ]  # fmt: skip

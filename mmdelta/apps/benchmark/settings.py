@@ -67,6 +67,7 @@ def real_setting(
     base_data_root: str | None = None,
     metric: str | None = None,
     cfg_options: dict | None = None,
+    base_cfg_options: dict | None = None,
 ) -> Setting:
     """A user's task: ``config`` is the Δ training config of the new task (``delta_patch`` =
     the default to compare, ``load_from`` = the base unless ``checkpoint``), ``base_config``
@@ -88,7 +89,9 @@ def real_setting(
             f"base checkpoint {checkpoint!r} does not exist (download it or pass --checkpoint)"
         )
     task_cfg.load_from = checkpoint
-    base_cfg = _load(base_config, "--base-config", cfg_options) if base_config else None
+    # the base config is another task (its own datasets, pipelines, evaluators): the new
+    # task's overrides would address keys it does not have
+    base_cfg = _load(base_config, "--base-config", base_cfg_options) if base_config else None
     finetune_cfg = (
         _load(finetune_config, "--finetune-config", cfg_options) if finetune_config else None
     )
