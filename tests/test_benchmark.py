@@ -374,13 +374,32 @@ def test_real_setting_names_what_to_fix(tmp_path):
         real_setting(DEMO_SHIFT, checkpoint=str(ckpt), base_config="mmdet::x/nope.py")
 
 
-def test_iterations_override_needs_an_iteration_based_schedule(shift_cfg):
+def test_iterations_override_iteration_and_epoch_based_schedules(shift_cfg):
     cfg = copy.deepcopy(shift_cfg)
     _set_iterations(cfg, 7)
     assert cfg.train_cfg.max_iters == 7 and cfg.param_scheduler[-1]["end"] == 7
-    epochs = Config.fromfile(str(ROOT / "configs/finetune_faster_rcnn_voc.py"))
-    with pytest.raises(BenchmarkError, match="iteration-based"):
-        _set_iterations(epochs, 7)
+    # an epoch-based schedule (mmdet's VOC: 4 epochs, x0.1 after epoch 3) compressed into 8
+    # iterations with its shape: the step after 3/4 of them
+    epochs = Config.fromfile(str(ROOT / "configs/delta_faster_rcnn_voc.py"))
+    epochs.train_cfg.val_begin = 2**31  # (what the benchmark's split sets)
+    _set_iterations(epochs, 8)
+    assert epochs.train_cfg == dict(
+        type="IterBasedTrainLoop", max_iters=8, val_interval=8, val_begin=2**31
+    )
+    (step,) = epochs.param_scheduler
+    assert (step.type, step.by_epoch, step.begin, step.end, step.milestones) == (
+        "MultiStepLR",
+        False,
+        0,
+        8,
+        [6],
+    )
+    assert epochs.log_processor.by_epoch is False
+    assert epochs.default_hooks.checkpoint.by_epoch is False
+    # any other loop is refused
+    other = Config(dict(train_cfg=dict(type="MyLoop")))
+    with pytest.raises(BenchmarkError, match="iteration- or epoch-based"):
+        _set_iterations(other, 7)
 
 
 if __name__ == "__main__":

@@ -510,9 +510,11 @@ def _cfg_of(row: dict) -> Config:
 
 def _set_iterations(cfg: Config, iters: int) -> None:
     loop = str(cfg.train_cfg.get("type", "")).split(".")[-1]
-    if loop != "IterBasedTrainLoop":
+    if loop == "EpochBasedTrainLoop":
+        _epochs_to_iterations(cfg, iters)
+    elif loop != "IterBasedTrainLoop":
         raise BenchmarkError(
-            f"--iters needs an iteration-based schedule; {cfg.filename} trains with "
+            f"--iters needs an iteration- or epoch-based schedule; {cfg.filename} trains with "
             f"{loop or cfg.train_cfg} (set its schedule in the config instead)"
         )
     cfg.merge_from_dict(
@@ -527,6 +529,44 @@ def _set_iterations(cfg: Config, iters: int) -> None:
             scheduler["end"] = iters
         if scheduler.get("begin", 0) >= iters:
             scheduler["begin"] = 0
+
+
+#: epoch-valued arguments of mmengine's parameter schedulers (besides begin / end)
+_EPOCH_ARGS = ("milestones", "T_max", "step_size", "total_iters", "periods")
+
+
+def _epochs_to_iterations(cfg: Config, iters: int) -> None:
+    """An epoch-based schedule compressed into ``iters`` iterations: an
+    ``IterBasedTrainLoop`` of ``iters``, each epoch-based scheduler's begin / end and
+    epoch-valued arguments (milestones, ``T_max``, …) scaled by ``iters / max_epochs``
+    (the decay keeps its shape), logs and checkpoints by iteration. The data, its sampler and
+    the iteration-based schedulers (warm-up) are the config's."""
+    epochs = int(cfg.train_cfg.max_epochs)
+    scale = iters / epochs
+
+    def at(epoch) -> int:
+        return max(0, round(epoch * scale))
+
+    for scheduler in cfg.get("param_scheduler") or []:
+        if not scheduler.get("by_epoch", True):
+            continue
+        scheduler["by_epoch"] = False
+        scheduler["begin"] = at(scheduler.get("begin", 0))
+        scheduler["end"] = at(min(scheduler.get("end", epochs), epochs))
+        for key in _EPOCH_ARGS:
+            value = scheduler.get(key)
+            if isinstance(value, list | tuple):
+                scheduler[key] = [at(v) for v in value]
+            elif isinstance(value, int | float):
+                scheduler[key] = max(1, at(value))
+    val_begin = cfg.train_cfg.get("val_begin", 1)
+    cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=iters, val_interval=iters)
+    if val_begin > 1:
+        cfg.train_cfg["val_begin"] = val_begin  # (the benchmark's: no validation in training)
+    if cfg.get("log_processor") is not None:
+        cfg.log_processor["by_epoch"] = False
+    if (cfg.get("default_hooks") or {}).get("checkpoint") is not None:
+        cfg.default_hooks.checkpoint.update(by_epoch=False, interval=iters)
 
 
 def _scale_schedule(cfg: Config, iters: int) -> None:
