@@ -65,10 +65,16 @@ def _leaf_pipeline(dataset) -> list | None:
     return dataset.get("pipeline")
 
 
+#: dataset options for training only: mmdet's XML datasets (VOC: ``bbox_min_size=32`` in
+#: ``voc0712.py``'s training sets) assert ``not test_mode`` when they are set; the test sets
+#: leave them out, so small boxes count in evaluation
+_TRAINING_ONLY = ("bbox_min_size",)
+
+
 def as_test_dataset(dataset, pipeline: list) -> dict | list:
     """The training dataset config ``dataset`` as a test set: repeat-style wrappers (any
     with one inner ``dataset``) unwrapped, ``ConcatDataset`` members each converted, leaves
-    with the test ``pipeline`` and ``test_mode=True``."""
+    with the test ``pipeline`` and ``test_mode=True``, without training-only options."""
     if isinstance(dataset, Sequence) and not isinstance(dataset, str):
         return [as_test_dataset(d, pipeline) for d in dataset]
     dataset = copy.deepcopy(dict(dataset))
@@ -80,6 +86,8 @@ def as_test_dataset(dataset, pipeline: list) -> dict | list:
         return as_test_dataset(dataset["dataset"], pipeline)
     dataset["pipeline"] = copy.deepcopy(list(pipeline))
     dataset["test_mode"] = True
+    for key in _TRAINING_ONLY:
+        dataset.pop(key, None)
     return dataset
 
 
