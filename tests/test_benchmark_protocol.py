@@ -104,8 +104,8 @@ def test_val_configs_use_the_test_pipeline_in_test_mode_through_wrappers():
     assert [d["pipeline"] for d in concat["datasets"]] == [["test"], ["test"]]
     assert all(d["test_mode"] for d in concat["datasets"])
     # mmdet's XML datasets refuse bbox_min_size in test mode (voc0712.py sets it for training)
-    voc = as_test_dataset(dict(train, bbox_min_size=32), ["test"])
-    assert "bbox_min_size" not in voc and voc["test_mode"]
+    voc = as_test_dataset(dict(train, filter_cfg=dict(min_size=32, bbox_min_size=32)), ["t"])
+    assert voc["filter_cfg"] == dict(min_size=32) and voc["test_mode"]
     coco = dict(type="CocoMetric", ann_file="a.json", metric="bbox")
     assert val_evaluator(coco)["ann_file"] is None and coco["ann_file"] == "a.json"
     assert val_evaluator([dict(type="VOCMetric")]) == [dict(type="VOCMetric")]

@@ -65,9 +65,9 @@ def _leaf_pipeline(dataset) -> list | None:
     return dataset.get("pipeline")
 
 
-#: dataset options for training only: mmdet's XML datasets (VOC: ``bbox_min_size=32`` in
-#: ``voc0712.py``'s training sets) assert ``not test_mode`` when they are set; the test sets
-#: leave them out, so small boxes count in evaluation
+#: ``filter_cfg`` options for training only: mmdet's XML datasets (VOC: ``bbox_min_size=32``
+#: in ``voc0712.py``'s training sets) assert ``not test_mode`` when they are set; the test
+#: sets leave them out, so small boxes count in evaluation
 _TRAINING_ONLY = ("bbox_min_size",)
 
 
@@ -86,8 +86,10 @@ def as_test_dataset(dataset, pipeline: list) -> dict | list:
         return as_test_dataset(dataset["dataset"], pipeline)
     dataset["pipeline"] = copy.deepcopy(list(pipeline))
     dataset["test_mode"] = True
-    for key in _TRAINING_ONLY:
-        dataset.pop(key, None)
+    if isinstance(dataset.get("filter_cfg"), Mapping):
+        dataset["filter_cfg"] = {
+            k: v for k, v in dataset["filter_cfg"].items() if k not in _TRAINING_ONLY
+        }
     return dataset
 
 
