@@ -55,6 +55,10 @@ def main(argv=None) -> int:
         steps.append("benchmark")
     out = Path(args.out).resolve()
     roots, checkpoints = prepare(out, tuple(chosen))
+    if args.benchmark or "benchmark" in steps:  # enough images to hold out a validation part
+        from mmdelta.datasets import rehearsal_data
+
+        bench_roots = rehearsal_data(out / "data-benchmark", larger=True)
     print(f"stand-in data: {out / 'data'}\nstand-in bases: {out / 'checkpoints'}")
     failed = 0
     for r in chosen:
@@ -62,7 +66,7 @@ def main(argv=None) -> int:
         print(f"\n## {r.config} (base: {r.base_config})  — run from {p.work}")
         if args.benchmark or "benchmark" in steps:
             p.commands["benchmark"] = benchmark_command(
-                r, roots, checkpoints[r.base_config], out / "benchmark" / r.name
+                r, bench_roots, checkpoints[r.base_config], out / "benchmark" / r.name
             )
         for step in p.commands:
             print(f"# {step}\n{p.shell(step)}")

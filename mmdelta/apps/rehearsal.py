@@ -412,8 +412,10 @@ def plan(r: Rehearsal, roots: Mapping[str, str], checkpoint: Path, work: str | P
 def benchmark_command(
     r: Rehearsal, roots: Mapping[str, str], checkpoint: Path, out: str | Path, iters: int = 4
 ) -> list[str]:
-    """``tools/benchmark.py`` on the stand-ins of ``r`` (a short protocol: ``iters``
-    iterations per run, one lr per method, one seed, no equal-time rows)."""
+    """``tools/benchmark.py`` on the stand-ins of ``r`` (``roots``: the larger stand-ins,
+    ``rehearsal_data(…, larger=True)``; a short protocol: ``iters`` iterations per run, one
+    lr per method, one seed, no equal-time rows, a quarter of the training images held out
+    as the validation split)."""
 
     def shrink(cfg: Config, root: str, loaders: tuple[str, ...]) -> dict[str, object]:
         keep = (*_SCALE_KEYS, "size", "num_workers", "persistent_workers")
@@ -434,6 +436,7 @@ def benchmark_command(
         "--data-root", roots[r.data],
         "--base-data-root", roots[r.base_data],
         "--iters", str(iters),
+        "--val-fraction", "0.25",
         "--lr-scales", "1",
         "--seeds", "1",
         "--no-equal-time",

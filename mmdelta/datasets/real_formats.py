@@ -696,16 +696,26 @@ def write_ade20k(
 # --------------------------------------------------------------------------- all four
 
 
-def rehearsal_data(root: str | os.PathLike) -> dict[str, str]:
-    """All four trees at their smallest useful sizes under ``root``, laid out as the
-    upstream configs' ``data_root`` expects below ``data/``: ``{'voc': root/VOCdevkit,
-    'coco': root/coco, 'cityscapes': root/cityscapes, 'ade20k':
-    root/ade/ADEChallengeData2016}``. Sizes: VOC 1 + 1 trainval images (VOC2007, VOC2012)
-    and 2 test; COCO ``train2017`` and ``val2017`` (the COCO configs train on the first), 2
-    images each; Cityscapes 1 train image and 2 val (two cities); ADE20K 2 + 2. A
-    rehearsal trains through the configs' repeat wrappers (×3 VOC, ×8 Cityscapes), so every
-    training image costs several iterations."""
+def rehearsal_data(root: str | os.PathLike, *, larger: bool = False) -> dict[str, str]:
+    """All four trees under ``root``, laid out as the upstream configs' ``data_root`` expects
+    below ``data/``: ``{'voc': root/VOCdevkit, 'coco': root/coco, 'cityscapes':
+    root/cityscapes, 'ade20k': root/ade/ADEChallengeData2016}``. COCO gets ``train2017`` and
+    ``val2017`` (the COCO configs train on the first).
+
+    Sizes, at their smallest useful: VOC 1 + 1 trainval images (VOC2007, VOC2012) and 2
+    test; COCO 2 images per split; Cityscapes 1 train image and 2 val (two cities); ADE20K
+    2 + 2 (a rehearsal trains through the configs' repeat wrappers, ×3 VOC, ×8 Cityscapes, so
+    every training image costs several iterations). ``larger``: each writer's default sizes
+    (VOC 4 + 4 and 4, COCO 4, Cityscapes 4 and 2, ADE20K 4 and 2), enough training images
+    for the benchmark to hold some out as its validation split."""
     root = Path(root)
+    if larger:
+        return dict(
+            voc=write_voc0712(root / "VOCdevkit"),
+            coco=write_coco(root / "coco", splits=("train2017", "val2017")),
+            cityscapes=write_cityscapes(root / "cityscapes"),
+            ade20k=write_ade20k(root / "ade" / "ADEChallengeData2016"),
+        )
     return dict(
         voc=write_voc0712(root / "VOCdevkit", num_train=(1, 1), num_test=2),
         coco=write_coco(root / "coco", splits=("train2017", "val2017"), num_images=2),

@@ -125,6 +125,8 @@ class Options:
 
 
 def metric_value(evaluation: Evaluation, key: str) -> float:
+    if not evaluation.metrics:
+        return 0.0  # mmdet's CocoMetric returns no metric when the model predicts no box
     if key not in evaluation.metrics:
         raise BenchmarkError(
             f"the evaluator returned {sorted(evaluation.metrics)}, not {key!r}: pass --metric"
@@ -133,14 +135,37 @@ def metric_value(evaluation: Evaluation, key: str) -> float:
     return value / 100 if key.split("/")[-1] in PERCENT_METRICS else value
 
 
-def _pick_metric(evaluation: Evaluation) -> str:
+def _pick_metric(evaluation: Evaluation, cfg: Config) -> str:
+    """The metric compared on ``cfg``'s test set: the first of :data:`KNOWN_METRICS` its
+    evaluator returned (or would return: an evaluation of a model that predicted nothing
+    can be empty), else its first number."""
     for key in KNOWN_METRICS:
         if key in evaluation.metrics:
             return key
+    if not evaluation.metrics:
+        expected = _expected_keys(cfg.test_evaluator)
+        if expected:
+            return expected[0]
     floats = [k for k, v in evaluation.metrics.items() if isinstance(v, (int, float))]
     if not floats:
         raise BenchmarkError(f"no numeric metric in {sorted(evaluation.metrics)}: pass --metric")
     return floats[0]
+
+
+def _expected_keys(evaluator) -> list[str]:
+    """The :data:`KNOWN_METRICS` keys an evaluator config returns (by its metric types)."""
+    if isinstance(evaluator, list | tuple):
+        return [k for e in evaluator for k in _expected_keys(e)]
+    kind = str(evaluator.get("type", "")).split(".")[-1]
+    if kind == "VOCMetric":
+        return [f"{evaluator.get('prefix') or 'pascal_voc'}/mAP"]
+    if kind == "CocoMetric":
+        metrics = evaluator.get("metric", "bbox")
+        metrics = [metrics] if isinstance(metrics, str) else list(metrics)
+        return [f"{evaluator.get('prefix') or 'coco'}/{m}_mAP" for m in metrics if m != "proposal"]
+    if kind == "IoUMetric":
+        return ["mIoU"]
+    return []
 
 
 @dataclass
@@ -150,13 +175,14 @@ class Context:
     setting: Setting
     out: Path
     options: Options
-    key: str
+    key: str  # the new task's metric
     splits: dict[str, Split]  # 'task' (patch methods) and 'full_ft' (its own config's)
     base_model: torch.nn.Module | None = None
     exact_cfg: Config | None = None
     base_exact: Evaluation | None = None
     latency_batches: list = field(default_factory=list)
     log: Callable[[str], None] = print
+    base_key: str | None = None  # the base task's metric (its own evaluator's)
 
 
 def run_benchmark(
@@ -167,7 +193,7 @@ def run_benchmark(
     out = Path(out)
     started = time.perf_counter()
     splits = _prepare_splits(setting, options, out, log)
-    base_model, exact_cfg, base_exact, key, base_scores = _score_base(setting, log)
+    base_model, exact_cfg, base_exact, (key, base_key), base_scores = _score_base(setting, log)
     methods, top = _select_methods(setting.task_cfg, base_model, options)
 
     ctx = Context(
@@ -181,6 +207,7 @@ def run_benchmark(
         base_exact=base_exact,
         latency_batches=_batches(setting.task_cfg, options.latency_images),
         log=log,
+        base_key=base_key,
     )
     rows = [
         evaluate_method(m, ctx, seeds=max(1, options.seeds) if m.id in top else 1) for m in methods
@@ -190,7 +217,7 @@ def run_benchmark(
     paint = []
     if options.paint and setting.same_classes:
         ft_state = init_base_model(_cfg_of(full), full["checkpoint"]).state_dict()
-        paint = _paint(setting, key, ft_state, log)
+        paint = _paint(setting, (key, base_key), ft_state, log)
     costs = _costs_and_equal_time(rows, methods, top, full, ctx)
 
     report = assemble(
@@ -234,16 +261,31 @@ def _score_base(setting: Setting, log):
     exact_cfg = base_cfg or task_cfg  # where patch-off predictions are compared with the base
     base_exact = evaluate(base_model, exact_cfg)
     base_on_new = evaluate(base_model, task_cfg) if setting.same_classes else None
-    key = setting.metric_key or _pick_metric(base_on_new or base_exact)
+    # the new task's metric and the base task's: two datasets (VOC / COCO) have two
+    if setting.metric_key:
+        key = setting.metric_key
+    elif base_on_new is not None:
+        key = _pick_metric(base_on_new, task_cfg)
+    elif base_cfg is None:  # (base_exact is the base on the new task's test set)
+        key = _pick_metric(base_exact, exact_cfg)
+    else:  # other classes, another task: the new task's evaluator says
+        expected = _expected_keys(task_cfg.test_evaluator)
+        if not expected:
+            raise BenchmarkError(
+                f"cannot tell which metric of {task_cfg.filename}'s test_evaluator to compare: "
+                "pass --metric"
+            )
+        key = expected[0]
+    base_key = _pick_metric(base_exact, exact_cfg) if base_cfg is not None else key
     base_scores = dict(
-        base_task=metric_value(base_exact, key) if base_cfg is not None else None,
+        base_task=metric_value(base_exact, base_key) if base_cfg is not None else None,
         new_task=metric_value(base_on_new, key) if base_on_new is not None else None,
     )
     log(
-        f"== base: base task {_fmt(base_scores['base_task'])}, new task "
+        f"== base: base task {_fmt(base_scores['base_task'])} ({base_key}), new task "
         f"{_fmt(base_scores['new_task'])} ({key})"
     )
-    return base_model, exact_cfg, base_exact, key, base_scores
+    return base_model, exact_cfg, base_exact, (key, base_key), base_scores
 
 
 def _select_methods(task_cfg, base_model, options: Options) -> tuple[list[Method], list[str]]:
@@ -299,6 +341,7 @@ def _setting_record(ctx: Context, full: dict, top: list[str]) -> dict:
         title=setting.title,
         metric=ctx.key,
         metric_label=setting.metric_label or ctx.key,
+        base_metric=ctx.base_key,
         checkpoint=setting.checkpoint,
         checkpoint_bytes=os.path.getsize(setting.checkpoint),
         model_bytes=model_bytes(ctx.base_model),
@@ -427,10 +470,11 @@ def score_chosen(method: Method, run: dict, ctx: Context) -> dict:
     checked prediction by prediction), latency."""
     cfg, setting = run["_cfg"], ctx.setting
     if not method.is_patch:
-        scores = _score_full(cfg, run["checkpoint"], setting, ctx.key)
+        scores = _score_full(cfg, run["checkpoint"], setting, (ctx.key, ctx.base_key))
         scores["latency"] = None
         return scores
-    scores = _score_patch(run, cfg, setting, ctx.exact_cfg, ctx.base_exact, ctx.key, ctx.base_model)
+    keys = (ctx.key, ctx.base_key)
+    scores = _score_patch(run, cfg, setting, ctx.exact_cfg, ctx.base_exact, keys, ctx.base_model)
     scores["latency"] = _latency(
         ctx.base_model, scores.pop("_model"), ctx.latency_batches, ctx.options
     )
@@ -657,7 +701,8 @@ def _train(method: Method, cfg: Config) -> tuple[dict, torch.nn.Module]:
     return row, model
 
 
-def _score_patch(row, cfg, setting, exact_cfg, base_exact, key, base_model) -> dict:
+def _score_patch(row, cfg, setting, exact_cfg, base_exact, keys, base_model) -> dict:
+    key, base_key = keys
     patched = init_patched_model(cfg, setting.checkpoint, patch=row["checkpoint"])
     new = evaluate(patched, cfg)
     with delta_disabled(patched):
@@ -665,7 +710,7 @@ def _score_patch(row, cfg, setting, exact_cfg, base_exact, key, base_model) -> d
     difference = first_difference(base_exact.predictions, off.predictions)
     return dict(
         new_task=metric_value(new, key),
-        base_task=metric_value(off, key) if setting.base_cfg is not None else None,
+        base_task=metric_value(off, base_key) if setting.base_cfg is not None else None,
         base_identical=difference is None,
         first_difference=difference,
         exactness_checked_on="base task" if setting.base_cfg is not None else "new task",
@@ -673,13 +718,14 @@ def _score_patch(row, cfg, setting, exact_cfg, base_exact, key, base_model) -> d
     )
 
 
-def _score_full(cfg, checkpoint, setting, key) -> dict:
+def _score_full(cfg, checkpoint, setting, keys) -> dict:
+    key, base_key = keys
     model = init_base_model(cfg, checkpoint)
     new = evaluate(model, cfg)
     base = evaluate(model, setting.base_cfg) if setting.base_cfg is not None else None
     return dict(
         new_task=metric_value(new, key),
-        base_task=metric_value(base, key) if base is not None else None,
+        base_task=metric_value(base, base_key) if base is not None else None,
         base_identical=None,
         first_difference=None,
         exactness_checked_on=None,
@@ -716,7 +762,8 @@ def _latency(base_model, patched, batches, options: Options) -> dict:
     )
 
 
-def _paint(setting: Setting, key: str, ft_state: dict, log) -> list[dict]:
+def _paint(setting: Setting, keys: tuple[str, str], ft_state: dict, log) -> list[dict]:
+    key, base_key = keys
     model = init_base_model(setting.task_cfg, setting.checkpoint)
     base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     points = []
@@ -724,7 +771,7 @@ def _paint(setting: Setting, key: str, ft_state: dict, log) -> list[dict]:
         model.load_state_dict(interpolate(base_state, ft_state, alpha))
         new = metric_value(evaluate(model, setting.task_cfg), key)
         base = (
-            metric_value(evaluate(model, setting.base_cfg), key)
+            metric_value(evaluate(model, setting.base_cfg), base_key)
             if setting.base_cfg is not None
             else None
         )
