@@ -26,8 +26,7 @@ from rehearsal_files import base_checkpoint, data_roots
 
 from mmdelta.apis.inference import init_base_model
 from mmdelta.apps.benchmark.run import KNOWN_METRICS
-from mmdelta.apps.rehearsal import REHEARSALS, plan, rehearsal_options
-from mmdelta.datasets.data_root import dotted_items
+from mmdelta.apps.rehearsal import REHEARSALS, keep_every_box, plan, rehearsal_options
 from mmdelta.evaluation import evaluate, first_difference
 from mmdelta.patching import base_state_dict, delta_disabled, load_patch, read_patch_file
 from mmdelta.runner.cli import config_file
@@ -53,13 +52,7 @@ def _base_task_evaluations(r, roots, checkpoint, patch_file):
     options = rehearsal_options(
         cfg, roots[r.base_data], loaders=("test_dataloader",), evaluators=("test_evaluator",)
     )
-    # a random detector scores every class near 1/81: keep its boxes, so that there are
-    # predictions to compare and CocoMetric has results to score (it returns {} for none)
-    options.update(
-        (key, 0.0)
-        for key, _ in dotted_items(cfg.model.get("test_cfg") or {}, "model.test_cfg")
-        if key.endswith(".score_thr")
-    )
+    options.update(keep_every_box(cfg))  # a random base: there are predictions to compare
     cfg.merge_from_dict(options)
     model = init_base_model(config_file(r.base_config), str(checkpoint), cfg_options=options)
     before = {k: v.clone() for k, v in model.state_dict().items()}

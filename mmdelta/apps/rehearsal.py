@@ -264,6 +264,18 @@ def rehearsal_options(
     return options
 
 
+def keep_every_box(cfg: Config) -> dict[str, float]:
+    """``--cfg-options`` that set every ``score_thr`` of ``cfg.model.test_cfg`` to 0: a
+    random base scores each of 80 classes near 1/81, below the configs' 0.05, and would
+    predict nothing (``CocoMetric`` then returns no metric at all)."""
+    test_cfg = cfg.get("model", {}).get("test_cfg") or {}
+    return {
+        key: 0.0
+        for key, _ in dotted_items(test_cfg, "model.test_cfg")
+        if key.endswith(".score_thr")
+    }
+
+
 def _cli_value(value) -> str:
     if isinstance(value, bool):
         return str(value)
@@ -346,6 +358,7 @@ def plan(r: Rehearsal, roots: Mapping[str, str], checkpoint: Path, work: str | P
     base = rehearsal_options(
         base_cfg, roots[r.base_data], loaders=("test_dataloader",), evaluators=("test_evaluator",)
     )
+    base.update(keep_every_box(base_cfg))
     delta_dir = work / "delta"
     p = Plan(r, checkpoint, work)
     p.commands = {
