@@ -422,7 +422,13 @@ def _md_header(report: dict) -> list[str]:
         "",
         f"{report['date']} · {machine_line(report['machine'])} · {report['seconds'] / 60:.0f} min",
         "",
-        f"Metric: {s['metric_label']} (`{s['metric']}`). Base model: base task "
+        f"Metric: {s['metric_label']} (`{s['metric']}`)"
+        + (
+            f"; base task: `{s['base_metric']}`"
+            if s.get("base_metric") and s.get("base_metric") != s["metric"]
+            else ""
+        )
+        + ". Base model: base task "
         f"{_f(base['base_task'])}, new task {_f(base['new_task'])}; its weights "
         + (f"{weights / 1e6:.1f} MB" if weights else "–")
         + f" (checkpoint file {s['checkpoint_bytes'] / 1e6:.1f} MB). Every method trains "
@@ -647,7 +653,9 @@ def plot_tradeoff(report: dict, path: str | os.PathLike) -> str:
     if base["base_task"] is not None:
         ax.axvline(base["base_task"], color="0.8", linestyle="--", linewidth=1, zorder=0)
     s = report["setting"]
-    ax.set_xlabel(f"base task {s['metric_label']} (patch off for Δ methods)")
+    ax.set_xlabel(
+        f"base task {s.get('base_metric') or s['metric_label']} (patch off for Δ methods)"
+    )
     ax.set_ylabel(f"new task {s['metric_label']}")
     ax.set_title("\n".join(textwrap.wrap(s["title"], 80)), fontsize=9)
     ax.grid(alpha=0.3)
