@@ -332,7 +332,15 @@ def measure_shift(
     """One task on one shift: the base, the labelled reference patch and one label-free patch
     per method; gap closed on the shift's test set, and every patch switched off compared
     with the base on the base's own test set, bit for bit. Writes and returns the record."""
-    from ..label_free.self_training import _file_sha256, self_train, stats_records
+    from ..label_free import LabelFreeError
+    from ..label_free.self_training import (
+        THRESHOLDS,
+        _file_sha256,
+        choose_threshold,
+        pseudo_label_quality,
+        self_train,
+        stats_records,
+    )
     from ..patching import load_patch
 
     story = STORIES[task]
@@ -380,7 +388,7 @@ def measure_shift(
 
     load_patch(model, labelled_file, name="labelled")
     labelled = score("labelled", "labelled", labelled_seconds, dict(patch_file=str(labelled_file)))
-    runs = []
+    runs, choice = [], None
     for method in methods:
         start = time.perf_counter()
         if method == "adabn":
@@ -392,25 +400,67 @@ def measure_shift(
                 "adabn", "adabn", time.perf_counter() - start, dict(patch_file=str(patch_file))
             )
         elif method == "self-training":
-            patch_file, history = self_train(
-                recipe,
-                checkpoint,
-                pool,
-                out / task / shift / "self_training",
-                name="self_training",
-                rounds=rounds,
-                score_thr=score_thr,
-                max_iters=max_iters,
-                batch_size=batch_size,
-                log=log,
-            )
-            seconds = time.perf_counter() - start
+            folder = out / task / shift / "self_training"
+            if score_thr is None:  # chosen on the validation split, never on the test set
+                adapt_norm_stats(model, pool, name="teacher", cfg=shift_cfg, batch_size=batch_size)
+                choice = pseudo_label_quality(
+                    model, shift_cfg, files[len(pool) :], THRESHOLDS[task], batch_size
+                )
+                set_active_patch(model, None)
+                remove_patch(model, "teacher")
+                score_thr = choose_threshold(choice)
+                log(f"== {task}/{shift}: threshold {score_thr} chosen on validation: {choice}")
+            settings = dict(rounds=rounds, score_thr=score_thr, max_iters=max_iters, pool=len(pool))
+            cached = _cached_self_training(folder, settings)
+            if cached is None:
+                try:
+                    patch_file, history = self_train(
+                        recipe,
+                        checkpoint,
+                        pool,
+                        folder,
+                        name="self_training",
+                        rounds=rounds,
+                        score_thr=score_thr,
+                        max_iters=max_iters,
+                        batch_size=batch_size,
+                        log=log,
+                    )
+                except LabelFreeError as err:  # nothing confident: no patch, the base's score
+                    log(f"== {task}/{shift}: self-training: {err}")
+                    runs.append(
+                        dict(
+                            threshold_choice=choice,
+                            score_thr=score_thr,
+                            method=method,
+                            score=base_shift,
+                            seconds=time.perf_counter() - start,
+                            patch_off_identical=True,
+                            gap_closed=0.0,
+                            note=str(err),
+                        )
+                    )
+                    continue
+                seconds = time.perf_counter() - start
+                record = dict(settings=settings, patch=str(patch_file), seconds=seconds)
+                record["history"] = stats_records(history)
+                (folder / "self_training.json").write_text(json.dumps(record, indent=2))
+            else:
+                log(f"== {task}/{shift}: self-training: cached {cached['patch']}")
+                patch_file, seconds = Path(cached["patch"]), cached["seconds"]
+                history = cached["history"]
+            history = [h if isinstance(h, dict) else stats_records([h])[0] for h in history]
             load_patch(model, patch_file, name="self_training")
             run = score(
                 "self-training",
                 "self_training",
                 seconds,
-                dict(patch_file=str(patch_file), rounds=stats_records(history)),
+                dict(
+                    patch_file=str(patch_file),
+                    rounds=history,
+                    score_thr=score_thr,
+                    threshold_choice=choice,
+                ),
             )
         else:
             raise ValueError(f"unknown method {method!r}; methods: {METHODS}")
@@ -441,6 +491,25 @@ def measure_shift(
     return result
 
 
+def _method_cell(run: dict) -> str:
+    if run.get("note"):
+        return f"{run['method']} (no confident pseudo-label: no patch)"
+    if run["method"] == "self-training":
+        return f"self-training (thr {run['score_thr']}, {len(run['rounds'])} round)"
+    return run["method"]
+
+
+def _cached_self_training(folder: Path, settings: dict) -> dict | None:
+    """The recorded self-training run in ``folder`` if it used the same ``settings``."""
+    record_file = folder / "self_training.json"
+    if not record_file.is_file():
+        return None
+    record = json.loads(record_file.read_text())
+    if record.get("settings") != settings or not Path(record["patch"]).is_file():
+        return None
+    return record
+
+
 def methods_table(results: list[dict]) -> str:
     """The README's table: one row per task, shift and label-free method."""
     lines = [
@@ -452,7 +521,7 @@ def methods_table(results: list[dict]) -> str:
         for run in r["runs"]:
             lines.append(
                 f"| {r['task']} | {r['shift']} | {r['metric']} | {r['base_own']:.3f} | "
-                f"{r['base_shifted']:.3f} | {run['method']} | **{run['score']:.3f}** | "
+                f"{r['base_shifted']:.3f} | {_method_cell(run)} | **{run['score']:.3f}** | "
                 f"{r['labelled']['score']:.3f} | {run['gap_closed']:.1%} | "
                 f"{'yes' if run['patch_off_identical'] else 'NO'} | {run['seconds']:.0f} s |"
             )

@@ -306,6 +306,11 @@ def self_train(
         raise ValueError(f"rounds must be ≥ 1, got {rounds}")
     if not isinstance(recipe, Config):
         recipe = Config.fromfile(str(recipe))
+    if recipe.get("delta_patch") is None:
+        raise LabelFreeError(
+            "self-training trains a Δ patch: pass a patch recipe config (one with a "
+            "`delta_patch` key, e.g. configs/demo/det_shapes_shifted.py), not a base config"
+        )
     kind = task_kind(recipe)
     score_thr = score_thr if score_thr is not None else (0.7 if kind == "det" else 0.9)
     if not 0 < score_thr < 1:
@@ -362,3 +367,93 @@ def self_train(
 
 def stats_records(history: list[RoundStats]) -> list[dict]:
     return [asdict(s) for s in history]
+
+
+#: candidate thresholds :func:`choose_threshold` compares
+THRESHOLDS = {"det": (0.3, 0.5, 0.7, 0.9), "seg": (0.5, 0.7, 0.9, 0.95)}
+
+
+def _voc_boxes(xml_file: Path, classes: list[str]) -> list[tuple[int, list[float]]]:
+    import xml.etree.ElementTree as ET
+
+    out = []
+    for obj in ET.parse(xml_file).findall("object"):
+        box = obj.find("bndbox")
+        coords = [float(box.find(k).text) - 1 for k in ("xmin", "ymin", "xmax", "ymax")]
+        out.append((classes.index(obj.find("name").text), coords))
+    return out
+
+
+def _iou(a, b) -> float:
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    if w <= 0 or h <= 0:
+        return 0.0
+    inter = w * h
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def pseudo_label_quality(
+    model, cfg, files: list[Path], thresholds: Sequence[float], batch_size: int = 4
+) -> list[dict]:
+    """Precision and recall of the pseudo-labels ``model`` would give at each threshold on a
+    *labelled validation split* of the new domain (``files``: VOC ``JPEGImages/<id>.jpg`` with
+    ``Annotations/<id>.xml``, or mmseg ``img_dir/<split>/<n>.jpg`` with
+    ``ann_dir/<split>/<n>.png``). Detection: a kept box is right when it overlaps a
+    same-class ground-truth box with IoU ≥ 0.5 (each matched once); segmentation: a kept
+    pixel is right when it has the ground-truth class. ``f1`` is their harmonic mean."""
+    import cv2
+
+    classes = _classes(model)
+    kind = task_kind(cfg)
+    right = np.zeros(len(thresholds))
+    kept = np.zeros(len(thresholds))
+    total = 0
+    for sample in _predict(model, cfg, files, batch_size):
+        path = Path(sample.img_path)
+        if kind == "det":
+            gts = _voc_boxes(path.parent.parent / "Annotations" / f"{path.stem}.xml", classes)
+            total += len(gts)
+            inst = sample.pred_instances
+            order = inst.scores.argsort(descending=True)
+            for t, thr in enumerate(thresholds):
+                used = set()
+                for i in order.tolist():
+                    if float(inst.scores[i]) < thr:
+                        break
+                    kept[t] += 1
+                    label, box = int(inst.labels[i]), inst.bboxes[i].tolist()
+                    best = max(
+                        (
+                            (_iou(box, g), j)
+                            for j, (c, g) in enumerate(gts)
+                            if c == label and j not in used
+                        ),
+                        default=(0.0, -1),
+                    )
+                    if best[0] >= 0.5:
+                        used.add(best[1])
+                        right[t] += 1
+        else:
+            ann = Path(str(path.with_suffix(".png")).replace("/img_dir/", "/ann_dir/"))
+            gt = torch.from_numpy(cv2.imread(str(ann), cv2.IMREAD_GRAYSCALE)).long()
+            prob = sample.seg_logits.data.float().softmax(0)
+            conf, label = prob.max(0)
+            valid = gt != 255
+            total += int(valid.sum())
+            for t, thr in enumerate(thresholds):
+                mask = (conf >= thr) & valid
+                kept[t] += int(mask.sum())
+                right[t] += int((label[mask] == gt[mask]).sum())
+    rows = []
+    for t, thr in enumerate(thresholds):
+        precision = right[t] / max(kept[t], 1)
+        recall = right[t] / max(total, 1)
+        f1 = 2 * precision * recall / max(precision + recall, 1e-12)
+        rows.append(dict(threshold=thr, precision=precision, recall=recall, f1=f1))
+    return rows
+
+
+def choose_threshold(rows: list[dict]) -> float:
+    """The threshold with the best ``f1`` in :func:`pseudo_label_quality`'s rows."""
+    return max(rows, key=lambda r: r["f1"])["threshold"]
