@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 import pytest
 from mmengine.config import Config
+from test_label_free import CLASSES, DET_CONFIG, SEG_CONFIG, write_base
 
 from mmdelta import base_state_dict, delta_disabled, load_patch
 from mmdelta.apis import init_base_model
@@ -22,8 +23,6 @@ from mmdelta.datasets.synthetic import write_seg_dataset, write_voc_dataset
 from mmdelta.exactness import identical, tensor_outputs
 from mmdelta.label_free import LabelFreeError, list_images, unlabelled_loader
 from mmdelta.label_free.self_training import RoundStats, self_train, task_kind
-
-from .test_label_free import CLASSES, DET_CONFIG, SEG_CONFIG, write_base
 
 ROOT = Path(__file__).resolve().parent.parent
 
