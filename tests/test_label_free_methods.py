@@ -38,7 +38,6 @@ def test_fog_shows_the_base_scenes_through_haze(tmp_path):
         a = cv2.imread(str(jpg)).astype(np.float32)
         b = cv2.imread(str(fog / "VOC2007/JPEGImages" / jpg.name)).astype(np.float32)
         assert b.std() < 0.6 * a.std()  # haze: lower contrast
-        assert b.mean() < a.mean()  # the airlight is greyer than the base's backgrounds
         assert (again / "VOC2007/JPEGImages" / jpg.name).read_bytes() == (
             fog / "VOC2007/JPEGImages" / jpg.name
         ).read_bytes()  # deterministic
