@@ -335,8 +335,8 @@ def measure_shift(
     from ..label_free import LabelFreeError
     from ..label_free.self_training import (
         THRESHOLDS,
-        _file_sha256,
         choose_threshold,
+        file_sha256,
         pseudo_label_quality,
         self_train,
         stats_records,
@@ -351,7 +351,7 @@ def measure_shift(
             f"the cached base {checkpoint} is missing: run `.venv/bin/python tools/demo.py "
             f"--task {task}` first"
         )
-    base_sha = _file_sha256(checkpoint)
+    base_sha = file_sha256(checkpoint)
     base_root, shift_root = shift_roots(task, shift, data_dir, demo_data)
     base_cfg = _config(Path("configs/demo") / story.base.config, base_root)
     shift_cfg = _config(Path("configs/demo") / story.base.config, shift_root)
@@ -467,7 +467,7 @@ def measure_shift(
         run["gap_closed"] = (run["score"] - base_shift) / (labelled["score"] - base_shift)
         log(f"== {task}/{shift}: {method}: gap closed {run['gap_closed']:.1%}")
         runs.append(run)
-    if _file_sha256(checkpoint) != base_sha:
+    if file_sha256(checkpoint) != base_sha:
         raise RuntimeError(f"the base checkpoint {checkpoint} changed")  # a bug
     result = dict(
         task=task,

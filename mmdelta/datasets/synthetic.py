@@ -64,6 +64,7 @@ __all__ = [
     "class_shapes",
     "dataset_info",
     "seg_metainfo",
+    "voc_xml",
     "write_seg_dataset",
     "write_voc_dataset",
 ]
@@ -568,7 +569,7 @@ def write_voc_dataset(
                 img, objects = _scene(params, params["shapes"], split, i)
                 (voc / "JPEGImages" / f"{img_id}.jpg").write_bytes(_encode(".jpg", img))
                 (voc / "Annotations" / f"{img_id}.xml").write_text(
-                    _voc_xml(
+                    voc_xml(
                         img_id,
                         w,
                         h,
@@ -584,7 +585,7 @@ def write_voc_dataset(
     return _generate(Path(root), params, write)
 
 
-def _voc_xml(img_id: str, width: int, height: int, objects: list[tuple], folder: str) -> str:
+def voc_xml(img_id: str, width: int, height: int, objects: list[tuple], folder: str) -> str:
     """VOC annotation XML; ``objects``: ``(name, inclusive box[, difficult])`` tuples."""
     lines = [
         "<annotation>",
@@ -618,6 +619,9 @@ def _voc_xml(img_id: str, width: int, height: int, objects: list[tuple], folder:
         ]
     lines.append("</annotation>")
     return "\n".join(lines) + "\n"
+
+
+_voc_xml = voc_xml  # the name mmdelta.datasets.real_formats imports
 
 
 def write_seg_dataset(

@@ -103,7 +103,7 @@ def _classes(model) -> list[str]:
     return list(classes)
 
 
-def _file_sha256(path: str | os.PathLike) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -129,7 +129,7 @@ def write_det_pseudo_labels(
     model, cfg, files: list[Path], root: Path, score_thr: float, batch_size: int = 4
 ) -> RoundStats:
     """VOC-layout pseudo-labelled set (``root/pseudo/...``) from the model's confident boxes."""
-    from ..datasets.synthetic import _voc_xml
+    from ..datasets.synthetic import voc_xml
 
     classes = _classes(model)
     voc = root / "pseudo"
@@ -167,7 +167,7 @@ def write_det_pseudo_labels(
         boxes += len(objects)
         _link(src, voc / "JPEGImages" / f"{img_id}.jpg")
         (voc / "Annotations" / f"{img_id}.xml").write_text(
-            _voc_xml(img_id, w, h, objects, "pseudo"), encoding="utf-8"
+            voc_xml(img_id, w, h, objects, "pseudo"), encoding="utf-8"
         )
     (voc / "ImageSets" / "Main" / "trainval.txt").write_text("".join(f"{i}\n" for i in ids))
     return RoundStats(
@@ -321,7 +321,7 @@ def self_train(
     checkpoint, work_dir = Path(checkpoint), Path(work_dir)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"base checkpoint {checkpoint} does not exist")
-    base_sha = _file_sha256(checkpoint)
+    base_sha = file_sha256(checkpoint)
     test_cfg = copy.deepcopy(recipe)
     test_cfg.pop("delta_patch")
     patch_file, history = None, []
@@ -360,7 +360,7 @@ def self_train(
             raise RuntimeError(f"the runner wrote no patch {patch_file}")  # a bug
         stats.patch_file = str(patch_file)
         history.append(stats)
-        if _file_sha256(checkpoint) != base_sha:
+        if file_sha256(checkpoint) != base_sha:
             raise RuntimeError(f"the base checkpoint {checkpoint} changed during self-training")
     return patch_file, history
 
