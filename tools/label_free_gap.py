@@ -17,6 +17,21 @@ Uses what ``tools/demo.py`` left (it never trains a base): the cached base
 
 Writes ``<out>/<task>/label_free_gap.json`` and prints a Markdown table (the README's);
 the logic is ``mmdelta.apps.label_free_gap``.
+
+Per method and shift (``--methods``; needs only the cached bases):
+
+    .venv/bin/python tools/label_free_gap.py --methods adabn self-training
+        [--shift fog shifted] [--task det seg] [--rounds 1] [--score-thr T] [--max-iters N]
+
+For each task and shift (``fog``: the base's scenes through haze, the realistic case;
+``shifted``: the demo's strong shift): the base on its own and on the shift's test set, the
+labelled reference patch (the demo's shifted-task recipe on the shift's labelled training
+images; trained once, cached under ``<out>/<task>/<shift>/labelled``), then one label-free
+patch per method from the shift's first 500 training images without their labels (the last
+100 are a validation split, never used here); gap closed = (label-free − base) / (labelled −
+base) on the shift's test set; every patch switched off is compared with the base on the
+base's test set, bit for bit, and the base checkpoint's SHA-256 before and after. Writes
+``<out>/<task>/<shift>/label_free_methods.json`` and prints the README's table.
 """
 
 import argparse
@@ -27,7 +42,15 @@ from pathlib import Path
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated")  # mmengine 0.10.7
 
 from mmdelta.apps.demo.stories import STORIES
-from mmdelta.apps.label_free_gap import DemoOutputMissing, patch_off_identical, run_label_free_gap
+from mmdelta.apps.label_free_gap import (
+    METHODS,
+    SHIFTS,
+    DemoOutputMissing,
+    measure_shift,
+    methods_table,
+    patch_off_identical,
+    run_label_free_gap,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,6 +73,15 @@ def parse_args(argv=None):
         "--max-images) and score on the base test set: a sanity check of the statistics "
         "pass (it should about keep the base's score)",
     )
+    parser.add_argument(
+        "--methods", nargs="+", choices=METHODS, help="measure these methods per --shift"
+    )
+    parser.add_argument("--shift", nargs="+", choices=SHIFTS, default=list(SHIFTS))
+    parser.add_argument("--rounds", type=int, default=1, help="self-training rounds")
+    parser.add_argument("--score-thr", type=float, help="self-training threshold")
+    parser.add_argument("--max-iters", type=int, help="self-training student iterations")
+    parser.add_argument("--data-dir", default=str(ROOT / "data/label_free"))
+    parser.add_argument("--demo-data", default=str(ROOT / "data/demo"))
     parser.add_argument("--demo-out", default=str(ROOT / "work_dirs/demo"))
     parser.add_argument("--configs", default=str(ROOT / "configs/demo"))
     parser.add_argument("--out", default=str(ROOT / "work_dirs/label_free"))
@@ -58,12 +90,54 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.methods:
+        return _methods(args)
     try:
-        options = vars(args)  # the flags are its parameters
+        options = vars(args)
+        for key in (
+            "methods",
+            "shift",
+            "rounds",
+            "score_thr",
+            "max_iters",
+            "data_dir",
+            "demo_data",
+        ):
+            options.pop(key)  # the flags are its parameters
         results = run_label_free_gap(options.pop("task"), **options)
     except DemoOutputMissing as err:
         raise SystemExit(str(err)) from None
     return 0 if patch_off_identical(results) else 1
+
+
+def _methods(args) -> int:
+    import time
+
+    start = time.perf_counter()
+    try:
+        results = [
+            measure_shift(
+                task,
+                shift,
+                args.methods,
+                args.out,
+                data_dir=args.data_dir,
+                demo_data=args.demo_data,
+                demo_out=args.demo_out,
+                rounds=args.rounds,
+                score_thr=args.score_thr,
+                max_iters=args.max_iters,
+                batch_size=args.batch_size,
+            )
+            for shift in args.shift
+            for task in args.task
+        ]
+    except DemoOutputMissing as err:
+        raise SystemExit(str(err)) from None
+    print(methods_table(results))
+    print(f"({results[0]['date']}, {time.perf_counter() - start:.0f} s)")
+    ok = all(run["patch_off_identical"] for r in results for run in [r["labelled"], *r["runs"]])
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -27,7 +27,11 @@ fully inside the image); each class draws one shape kind (:data:`SHAPE_KINDS`, s
 :func:`class_shapes`), so new classes are new shapes. ``style`` sets the appearance only
 (:data:`STYLES`): ``'base'`` dark shapes on light backgrounds; ``'shifted'`` light shapes on
 coloured, textured, cluttered backgrounds with noise and blur (a base model sees nothing);
-``'noisy'`` the base look at low contrast with heavy noise and blur (a milder shift). The
+``'noisy'`` the base look at low contrast with heavy noise and blur (a milder shift);
+``'fog'`` the very scenes of ``'base'`` (same seed: same image before degradation) seen
+through haze: mixed with a grey-white airlight (transmission 0.25-0.38, varying across the
+image), a slight colour cast, blur and sensor noise (a realistic, label-free-adaptable
+shift, as Cityscapes -> Foggy Cityscapes). The
 object layout of an image depends on the seed and the classes, not on the style, so two
 styles with one seed show the same scenes.
 
@@ -60,6 +64,7 @@ __all__ = [
     "class_shapes",
     "dataset_info",
     "seg_metainfo",
+    "voc_xml",
     "write_seg_dataset",
     "write_voc_dataset",
 ]
@@ -81,7 +86,15 @@ SHAPE_KINDS = (
     "frame",
     "hourglass",
 )
-STYLES = ("base", "shifted", "noisy")
+STYLES = ("base", "shifted", "noisy", "fog")
+# Degradations of the 'base' look: the same clean scene as 'base' for the same seed (the
+# scene's colours come from the 'base' stream), then degraded with a stream of its own.
+_DEGRADED = {"fog": "base"}
+# fog: transmission t (fraction of the scene that reaches the camera), the grey-white
+# airlight it is mixed with, a slight colour cast, blur and sensor noise
+FOG = dict(
+    t=(0.25, 0.38), t_slope=0.12, airlight=(170.0, 205.0), cast=10.0, blur=(0.8, 1.4), noise=7.0
+)
 
 # Distinct colours for seg palettes (index 0 is the background).
 _PALETTE = (
@@ -370,6 +383,18 @@ def _finish(rng: np.random.Generator, style: str, img: np.ndarray) -> np.ndarray
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
+def _fog(rng: np.random.Generator, clean: np.ndarray, fog: Mapping) -> np.ndarray:
+    """``clean`` (BGR uint8) through haze (``fog``: :data:`FOG`): ``I = J t + A (1 - t)``."""
+    h, w = clean.shape[:2]
+    t = rng.uniform(*fog["t"]) + _gradient(rng, h, w, fog["t_slope"])
+    airlight = rng.uniform(*fog["airlight"]) + rng.uniform(-fog["cast"], fog["cast"], 3)
+    img = clean.astype(np.float32) * t + airlight.astype(np.float32) * (1 - t)
+    img = np.clip(np.round(img), 0, 255).astype(np.uint8)
+    img = cv2.GaussianBlur(img, (5, 5), rng.uniform(*fog["blur"]))
+    out = img.astype(np.float32) + rng.normal(0, fog["noise"], img.shape).astype(np.float32)
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
 def _scene(
     params: dict,
     kinds: dict[str, str],
@@ -385,9 +410,8 @@ def _scene(
     classes = tuple(params["object_classes"])
     split_code = zlib.crc32(split.encode())
     geo = np.random.default_rng([params["seed"], split_code, index, 0])
-    look = np.random.default_rng(
-        [params["seed"], split_code, index, 1, zlib.crc32(params["style"].encode())]
-    )
+    style = _DEGRADED.get(params["style"], params["style"])
+    look = np.random.default_rng([params["seed"], split_code, index, 1, zlib.crc32(style.encode())])
     objects = _layout(
         geo,
         h,
@@ -400,17 +424,23 @@ def _scene(
         params["max_overlap"],
     )
     if background is None:
-        img = _background(look, params["style"], h, w)
+        img = _background(look, style, h, w)
     else:
         img = np.array(background, np.float32, copy=True)
     for obj in objects:
         a = obj["alpha"]
         y, x = obj["y0"], obj["x0"]
         region = img[y : y + a.shape[0], x : x + a.shape[1]]
-        colour = _object_colour(look, params["style"])
+        colour = _object_colour(look, style)
         region *= 1 - a[..., None]
         region += a[..., None] * colour
-    return _finish(look, params["style"], img), objects
+    if style != params["style"]:
+        clean = _finish(look, style, img)
+        weather = np.random.default_rng(
+            [params["seed"], split_code, index, 2, zlib.crc32(params["style"].encode())]
+        )
+        return _fog(weather, clean, params["degradation"]), objects
+    return _finish(look, style, img), objects
 
 
 def _encode(ext: str, img: np.ndarray) -> bytes:
@@ -454,7 +484,7 @@ def _common_params(
     smin, smax = (float(v) for v in object_size)
     if not 0 < smin <= smax <= 1:
         raise ValueError(f"object_size {object_size} must be fractions 0 < min ≤ max ≤ 1")
-    return dict(
+    params = dict(
         generator="mmdelta.datasets.synthetic",
         version=GENERATOR_VERSION,
         format=fmt,
@@ -469,6 +499,9 @@ def _common_params(
         object_size=[smin, smax],
         max_overlap=float(max_overlap),
     )
+    if style in _DEGRADED:  # the degradation's parameters are part of the data's identity
+        params["degradation"] = {k: list(v) if isinstance(v, tuple) else v for k, v in FOG.items()}
+    return params
 
 
 def write_voc_dataset(
@@ -536,7 +569,7 @@ def write_voc_dataset(
                 img, objects = _scene(params, params["shapes"], split, i)
                 (voc / "JPEGImages" / f"{img_id}.jpg").write_bytes(_encode(".jpg", img))
                 (voc / "Annotations" / f"{img_id}.xml").write_text(
-                    _voc_xml(
+                    voc_xml(
                         img_id,
                         w,
                         h,
@@ -552,7 +585,7 @@ def write_voc_dataset(
     return _generate(Path(root), params, write)
 
 
-def _voc_xml(img_id: str, width: int, height: int, objects: list[tuple], folder: str) -> str:
+def voc_xml(img_id: str, width: int, height: int, objects: list[tuple], folder: str) -> str:
     """VOC annotation XML; ``objects``: ``(name, inclusive box[, difficult])`` tuples."""
     lines = [
         "<annotation>",
@@ -586,6 +619,9 @@ def _voc_xml(img_id: str, width: int, height: int, objects: list[tuple], folder:
         ]
     lines.append("</annotation>")
     return "\n".join(lines) + "\n"
+
+
+_voc_xml = voc_xml  # the name mmdelta.datasets.real_formats imports
 
 
 def write_seg_dataset(

@@ -4,7 +4,8 @@
 holds their running statistics re-estimated on the new images; no labels, no gradients,
 the base untouched. :func:`write_norm_patch` writes one as a file from a config, a
 checkpoint and images (``tools/adapt_norm.py`` is its command line); ``tools/label_free_gap.py``
-measures it on the main job's appearance-shift tasks.
+measures it on the main job's appearance-shift tasks. :func:`self_train` trains an ordinary
+Δ patch on confident pseudo-labels of an AdaBN teacher (``tools/adapt_label_free.py``).
 """
 
 from ..datasets.images import IMAGE_SUFFIXES, NoImagesError, list_images
@@ -16,14 +17,19 @@ from .norm_stats import (
     unlabelled_loader,
 )
 from .patch_file import write_norm_patch
+from .self_training import RoundStats, choose_threshold, pseudo_label_quality, self_train
 
 __all__ = [
     "IMAGE_SUFFIXES",
     "LabelFreeError",
     "NoImagesError",
+    "RoundStats",
     "adapt_norm_stats",
+    "choose_threshold",
     "image_only_pipeline",
     "list_images",
+    "pseudo_label_quality",
+    "self_train",
     "stats_layers",
     "unlabelled_loader",
     "write_norm_patch",
