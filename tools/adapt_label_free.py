@@ -32,10 +32,8 @@ warnings.filterwarnings("ignore", message="pkg_resources is deprecated")  # mmen
 
 from mmengine.config import Config, DictAction
 
-from mmdelta import DeltaPatchConfigError
-from mmdelta.label_free import LabelFreeError, NoImagesError, list_images, write_norm_patch
+from mmdelta.label_free import USER_ERRORS, list_images, write_norm_patch
 from mmdelta.label_free.self_training import self_train
-from mmdelta.runner.checkpoint import CheckpointError
 
 METHODS = ("adabn", "self-training")
 
@@ -121,16 +119,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         run(args)
-    except (
-        LabelFreeError,
-        NoImagesError,
-        DeltaPatchConfigError,
-        CheckpointError,
-        FileNotFoundError,
-        FileExistsError,
-        IsADirectoryError,
-        ValueError,
-    ) as err:
+    except USER_ERRORS as err:
         print(f"adapt_label_free: error: {err}", file=sys.stderr)
         return 2
     return 0

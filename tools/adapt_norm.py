@@ -28,9 +28,7 @@ warnings.filterwarnings("ignore", message="pkg_resources is deprecated")  # mmen
 
 from mmengine.config import DictAction
 
-from mmdelta import DeltaPatchConfigError
-from mmdelta.label_free import LabelFreeError, NoImagesError, write_norm_patch
-from mmdelta.runner.checkpoint import CheckpointError
+from mmdelta.label_free import USER_ERRORS, write_norm_patch
 
 
 def parse_args(argv=None):
@@ -55,16 +53,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         write_norm_patch(**vars(args))  # the flags are its parameters
-    except (
-        LabelFreeError,
-        NoImagesError,
-        DeltaPatchConfigError,
-        CheckpointError,
-        FileNotFoundError,
-        FileExistsError,
-        IsADirectoryError,
-        ValueError,
-    ) as err:
+    except USER_ERRORS as err:
         print(f"adapt_norm: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -9,6 +9,8 @@ measures it on the main job's appearance-shift tasks. :func:`self_train` trains 
 """
 
 from ..datasets.images import IMAGE_SUFFIXES, NoImagesError, list_images
+from ..patching import DeltaPatchConfigError
+from ..runner.checkpoint import CheckpointError
 from .norm_stats import (
     LabelFreeError,
     adapt_norm_stats,
@@ -19,8 +21,22 @@ from .norm_stats import (
 from .patch_file import write_norm_patch
 from .self_training import RoundStats, choose_threshold, pseudo_label_quality, self_train
 
+#: what the label-free commands (tools/adapt_norm.py, tools/adapt_label_free.py) report as a
+#: user's mistake (exit status 2, the message naming what to fix) rather than a traceback
+USER_ERRORS = (
+    LabelFreeError,
+    NoImagesError,
+    DeltaPatchConfigError,
+    CheckpointError,
+    FileNotFoundError,
+    FileExistsError,
+    IsADirectoryError,
+    ValueError,
+)
+
 __all__ = [
     "IMAGE_SUFFIXES",
+    "USER_ERRORS",
     "LabelFreeError",
     "NoImagesError",
     "RoundStats",
