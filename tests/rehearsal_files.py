@@ -6,7 +6,7 @@ write, never a half-written file)."""
 
 from pathlib import Path
 
-from mmdelta.apps.rehearsal import REHEARSALS, rehearsal, write_base_checkpoint
+from mmdelta.apps.rehearsal import rehearsal, write_base_checkpoint
 from mmdelta.datasets import rehearsal_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +32,3 @@ def base_checkpoint(tmp_path_factory, config: str) -> Path:
         source = str(ROOT / config)
     name = Path(source.split("::")[-1]).stem
     return write_base_checkpoint(source, shared_dir(tmp_path_factory) / f"{name}.pth")
-
-
-__all__ = ["REHEARSALS", "base_checkpoint", "data_roots", "shared_dir"]

@@ -39,6 +39,7 @@ from mmengine.logging import MMLogger
 
 from ..datasets import rehearsal_data
 from ..datasets.data_root import dotted_items, leaf_datasets, move_data_root
+from ..datasets.paths import DEFAULT_EVALUATORS, DEFAULT_LOADERS
 from ..fileio import write_atomic
 from ..runner.cli import config_file
 from ..runner.model_setup import null_pretrained
@@ -50,8 +51,6 @@ ROOT = Path(__file__).resolve().parents[2]
 SCALE_DIVISOR = 8
 #: iterations of an iteration-based schedule in a rehearsal (a checkpoint at the end)
 REHEARSAL_ITERS = 2
-LOADERS = ("train_dataloader", "val_dataloader", "test_dataloader")
-EVALUATORS = ("val_evaluator", "test_evaluator")
 _SCALE_KEYS = ("scale", "scales", "img_scale", "crop_size")
 
 
@@ -209,8 +208,8 @@ def rehearsal_options(
     data_root: str | Path,
     checkpoint: str | Path | None = None,
     *,
-    loaders: tuple[str, ...] = LOADERS,
-    evaluators: tuple[str, ...] = EVALUATORS,
+    loaders: tuple[str, ...] = DEFAULT_LOADERS,
+    evaluators: tuple[str, ...] = DEFAULT_EVALUATORS,
     epochs: int = 1,
     iters: int = REHEARSAL_ITERS,
     validate: bool = True,
@@ -435,7 +434,7 @@ def benchmark_command(
         options = rehearsal_options(cfg, root, loaders=loaders, evaluators=())
         return {k: v for k, v in options.items() if k.rsplit(".", 1)[-1] in keep}
 
-    task = shrink(Config.fromfile(str(ROOT / r.config)), roots[r.data], LOADERS)
+    task = shrink(Config.fromfile(str(ROOT / r.config)), roots[r.data], DEFAULT_LOADERS)
     base = shrink(
         Config.fromfile(config_file(r.base_config)), roots[r.base_data], ("test_dataloader",)
     )
