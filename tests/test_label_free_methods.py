@@ -152,3 +152,73 @@ def test_tiny_self_training_seg_and_the_tool(tmp_path):
     assert (
         load_patch(init_base_model(Config.fromfile(str(SEG_CONFIG)), str(ckpt)), adabn) == "adabn"
     )
+
+
+def test_pixel_entropy_loss_and_the_unlabelled_map():
+    import math
+
+    import torch
+
+    from mmdelta.label_free.entropy import PixelEntropyLoss, UnlabelledSegMap
+
+    loss = PixelEntropyLoss(loss_weight=0.5)
+    assert loss.loss_name == "loss_entropy"
+    uniform = torch.zeros(2, 4, 3, 3)
+    label = torch.zeros(2, 3, 3, dtype=torch.long)
+    assert torch.allclose(loss(uniform, label), torch.tensor(0.5))  # 1 = uniform, × weight
+    logits = torch.randn(2, 4, 3, 3, requires_grad=True)
+    label[1] = 255  # padding: left out
+    p = logits[0].softmax(0)
+    expected = -(p * p.log()).sum(0).mean() / math.log(4)
+    value = loss(logits, label)
+    assert torch.allclose(value, 0.5 * expected)
+    value.backward()
+    assert logits.grad[1].abs().sum() == 0 and logits.grad[0].abs().sum() > 0
+    assert loss(logits, torch.full_like(label, 255)).item() == 0.0  # all padding: zero, no NaN
+    results = UnlabelledSegMap()(dict(img=np.zeros((5, 7, 3), np.uint8), seg_fields=[]))
+    assert results["gt_seg_map"].shape == (5, 7) and results["seg_fields"] == ["gt_seg_map"]
+
+
+def test_tiny_entropy_minimisation_seg_and_the_tool(tmp_path):
+    """Both trainable sets through the tool: ordinary patches (reload onto a fresh base, patch
+    off == base bit for bit), the base checkpoint's bytes unchanged, errors with exit 2."""
+    data = Path(write_seg_dataset(tmp_path / "fog", CLASSES, 3, 0, (64, 64), 1, "fog"))
+    images = data / "img_dir" / "train"
+    ckpt = write_base(SEG_CONFIG, tmp_path / "base.pth")
+    before = ckpt.read_bytes()
+    recipe_file = tmp_path / "recipe.py"
+    _recipe(SEG_CONFIG).dump(str(recipe_file))
+    spec = importlib.util.spec_from_file_location(
+        "adapt_label_free", ROOT / "tools/adapt_label_free.py"
+    )
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    for trainable in ("norm", "patch"):
+        out = tmp_path / f"{trainable}.safetensors"
+        argv = [
+            *("--config", str(recipe_file), "--checkpoint", str(ckpt), "--images", str(images)),
+            *("--out", str(out), "--method", "entropy", "--trainable", trainable),
+            *("--max-iters", "2", "--work-dir", str(tmp_path / trainable)),
+        ]
+        assert tool.main(argv) == 0
+        assert ckpt.read_bytes() == before
+        _check_patch(SEG_CONFIG, ckpt, out, images, "entropy")
+        log = next((tmp_path / trainable).rglob("*.log")).read_text()
+        assert "loss_entropy" in log and "loss_ce" not in log  # the objective took over
+    from safetensors import safe_open
+
+    def branch_tensors(patch):  # anything but the norm layers' own copies ("layer:own_*")
+        with safe_open(patch, "pt") as f:
+            return [k for k in f.keys() if not k.split(":")[-1].startswith("own_")]
+
+    assert not branch_tensors(tmp_path / "norm.safetensors")  # norm-only: no Δ branch
+    assert branch_tensors(tmp_path / "patch.safetensors")
+    # a detection recipe is refused with a message naming the method to use instead
+    det = tmp_path / "det.py"
+    _recipe(DET_CONFIG).dump(str(det))
+    argv = [
+        *("--config", str(det), "--checkpoint", str(ckpt), "--images", str(images)),
+        *("--out", str(tmp_path / "det.safetensors"), "--method", "entropy"),
+    ]
+    assert tool.main(argv) == 2
+    assert not (tmp_path / "det.safetensors").exists()

@@ -1,9 +1,10 @@
 """Build a label-free patch from unlabelled images of a new domain, by one of three methods.
 
     .venv/bin/python tools/adapt_label_free.py --config C --checkpoint BASE
-        --images DIR_OR_FILES [...] --method {adabn,self-training} --out PATCH.safetensors
-        [--rounds 1] [--score-thr T] [--max-iters N] [--max-images K] [--work-dir W]
-        [--name NAME] [--cfg-options k=v ...] [--force]
+        --images DIR_OR_FILES [...] --method {adabn,self-training,entropy}
+        --out PATCH.safetensors [--rounds 1] [--score-thr T] [--trainable norm|patch]
+        [--max-iters N] [--lr LR] [--max-images K] [--work-dir W] [--name NAME]
+        [--cfg-options k=v ...] [--force]
 
 * ``adabn``: the running statistics of the base's BatchNorm layers re-estimated on the
   images (``tools/adapt_norm.py``; no training; seconds).
@@ -15,6 +16,10 @@
   branches, targets, schedule), e.g. ``configs/demo/det_shapes_shifted.py``. Each round
   prints what can be seen without labels (pseudo-label count, mean confidence, teacher
   entropy); stopping rule in ``docs/serving.md``.
+* ``entropy`` (segmentation): the patch trained to minimise the per-pixel prediction entropy
+  on the images (TENT); ``--trainable norm`` (default: the norm layers' affine parameters
+  and statistics) or ``patch`` (the recipe's ``delta_patch``). Prints the mean entropy,
+  confidence and predicted share per class before and after, and flags vanishing classes.
 
 The base checkpoint is only read (checked: its SHA-256 before and after). Exit status 2 with a
 message that names what to fix for a missing or empty image folder, a base config given for
@@ -22,6 +27,7 @@ self-training, an existing ``--out`` without ``--force``, a missing config or ch
 """
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -33,9 +39,10 @@ warnings.filterwarnings("ignore", message="pkg_resources is deprecated")  # mmen
 from mmengine.config import Config, DictAction
 
 from mmdelta.label_free import USER_ERRORS, list_images, write_norm_patch
+from mmdelta.label_free.entropy import TRAINABLE, minimise_entropy
 from mmdelta.label_free.self_training import self_train
 
-METHODS = ("adabn", "self-training")
+METHODS = ("adabn", "self-training", "entropy")
 
 
 def parse_args(argv=None):
@@ -58,12 +65,23 @@ def parse_args(argv=None):
         type=float,
         help="self-training: pseudo-label confidence threshold (det 0.7, seg 0.9)",
     )
-    parser.add_argument("--max-iters", type=int, help="self-training: student iterations")
+    parser.add_argument(
+        "--trainable",
+        choices=TRAINABLE,
+        default="norm",
+        help="entropy: what trains (norm: the norm layers, TENT; patch: the recipe's patch)",
+    )
+    parser.add_argument(
+        "--max-iters", type=int, help="self-training, entropy: iterations (the recipe's)"
+    )
+    parser.add_argument("--lr", type=float, help="entropy: learning rate (the recipe's)")
     parser.add_argument("--no-strong-aug", action="store_true", help="no photometric distortion")
     parser.add_argument(
         "--base-teacher", action="store_true", help="round 1's teacher: the base without AdaBN"
     )
-    parser.add_argument("--work-dir", help="self-training: rounds' pseudo-labels and logs")
+    parser.add_argument(
+        "--work-dir", help="self-training, entropy: pseudo-labels, linked images and logs"
+    )
     parser.add_argument("--cfg-options", nargs="+", action=DictAction, help="config overrides")
     parser.add_argument("--force", action="store_true", help="replace an existing --out")
     return parser.parse_args(argv)
@@ -92,7 +110,23 @@ def run(args) -> Path:
     recipe = Config.fromfile(args.config)
     if args.cfg_options:
         recipe.merge_from_dict(args.cfg_options)
-    work_dir = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="selftrain-"))
+    work_dir = (
+        Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="label-free-"))
+    )
+    if args.method == "entropy":
+        patch, stats = minimise_entropy(
+            recipe,
+            args.checkpoint,
+            args.images,
+            work_dir,
+            name=args.name or "entropy",
+            trainable=args.trainable,
+            max_iters=args.max_iters,
+            lr=args.lr,
+            max_images=args.max_images,
+            batch_size=args.batch_size,
+        )
+        return _deliver(patch, out, [stats.line()])
     patch, history = self_train(
         recipe,
         args.checkpoint,
@@ -107,10 +141,18 @@ def run(args) -> Path:
         adabn_teacher=not args.base_teacher,
         batch_size=args.batch_size,
     )
+    return _deliver(patch, out, [stats.line() for stats in history])
+
+
+def _deliver(patch: Path, out: Path, lines: list[str]) -> Path:
+    """Copies the trained patch to ``out`` (written beside it, then renamed: never half a
+    file) and prints the run's statistics."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(patch, out)
-    for stats in history:
-        print(f"adapt_label_free: {stats.line()}")
+    partial = out.with_name(f".{out.name}.partial")
+    shutil.copyfile(patch, partial)
+    os.replace(partial, out)
+    for line in lines:
+        print(f"adapt_label_free: {line}")
     print(f"adapt_label_free: patch -> {out} ({out.stat().st_size:,} bytes)")
     return out
 

@@ -42,15 +42,8 @@ from pathlib import Path
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated")  # mmengine 0.10.7
 
 from mmdelta.apps.demo.stories import STORIES
-from mmdelta.apps.label_free_gap import (
-    METHODS,
-    SHIFTS,
-    DemoOutputMissing,
-    measure_shift,
-    methods_table,
-    patch_off_identical,
-    run_label_free_gap,
-)
+from mmdelta.apps.label_free_gap import DemoOutputMissing, patch_off_identical, run_label_free_gap
+from mmdelta.apps.label_free_methods import METHODS, SHIFTS, measure_shift, methods_table
 
 ROOT = Path(__file__).resolve().parent.parent
 

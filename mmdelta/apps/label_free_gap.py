@@ -50,7 +50,7 @@ def run_label_free_gap(
     results = [measure(task, log=log, **options) for task in tasks]
     log(table(results))
     log(
-        f"({_now()}, {platform.machine()}, {torch.get_num_threads()} threads, torch "
+        f"({now()}, {platform.machine()}, {torch.get_num_threads()} threads, torch "
         f"{torch.__version__}, {time.perf_counter() - start:.0f} s)"
     )
     return results
@@ -95,15 +95,15 @@ def measure(
     report, checkpoint = _demo_record(task, demo_out)
     shifted = next(t for t in report["tasks"] if t["task"] == "shifted")
     labelled = shifted["new_task"]["patched"]
-    base_cfg = _config(configs / story.base.config, report["data"]["base"])
-    shift_cfg = _config(configs / story.base.config, report["data"]["shifted"])
+    base_cfg = config_on(configs / story.base.config, report["data"]["base"])
+    shift_cfg = config_on(configs / story.base.config, report["data"]["shifted"])
     files = train_images(shift_cfg)
 
     model = init_base_model(base_cfg, str(checkpoint))
     base_eval = evaluate(model, base_cfg)
-    base_shift = _metric(story, evaluate(model, shift_cfg))
+    base_shift = story_metric(story, evaluate(model, shift_cfg))
     log(
-        f"== {task}: base {story.metric_label} on its own test set {_metric(story, base_eval):.3f}"
+        f"== {task}: base {story.metric_label} on its own test set {story_metric(story, base_eval):.3f}"
         f", on the shifted test set {base_shift:.3f}; labelled patch {labelled:.3f} (report)"
     )
     scores = dict(base_eval=base_eval, base_shift=base_shift, labelled=labelled)
@@ -118,10 +118,10 @@ def measure(
         task=task,
         own_domain_check=own,
         metric=story.metric_label,
-        date=_now(),
-        machine=_machine(),
+        date=now(),
+        machine=machine_record(),
         base_checkpoint=str(checkpoint),
-        base_own=_metric(story, base_eval),
+        base_own=story_metric(story, base_eval),
         base_shifted=base_shift,
         labelled=labelled,
         labelled_patch=shifted["patch_file"],
@@ -129,7 +129,7 @@ def measure(
         test_images=len(base_eval.predictions),
         runs=runs,
     )
-    (_mkdir(out / task) / "label_free_gap.json").write_text(json.dumps(result, indent=2))
+    (made_dir(out / task) / "label_free_gap.json").write_text(json.dumps(result, indent=2))
     return result
 
 
@@ -180,11 +180,13 @@ def _label_free_run(model, task, files, k, batch_size, cfgs, scores, out, log) -
     start = time.perf_counter()
     adapt_norm_stats(model, files, name=name, cfg=shift_cfg, max_images=k, batch_size=batch_size)
     adapt_seconds = time.perf_counter() - start
-    label_free = _metric(story, evaluate(model, shift_cfg))
+    label_free = story_metric(story, evaluate(model, shift_cfg))
     with delta_disabled(model):
         off = evaluate(model, base_cfg)
     difference = first_difference(scores["base_eval"].predictions, off.predictions)
-    patch_file = save_patch(model, _mkdir(out / task) / f"{name}.safetensors", name, overwrite=True)
+    patch_file = save_patch(
+        model, made_dir(out / task) / f"{name}.safetensors", name, overwrite=True
+    )
     base_shift = scores["base_shift"]
     gap = (label_free - base_shift) / (scores["labelled"] - base_shift)
     run = dict(
@@ -195,7 +197,7 @@ def _label_free_run(model, task, files, k, batch_size, cfgs, scores, out, log) -
         adapt_seconds=adapt_seconds,
         patch_off_identical=difference is None,
         first_difference=difference,
-        patch_off_metric=_metric(story, off),
+        patch_off_metric=story_metric(story, off),
         patch_file=str(patch_file),
         patch_bytes=patch_file.stat().st_size,
     )
@@ -223,36 +225,40 @@ def _own_domain_check(model, task, base_cfg, k, batch_size, base_eval, log) -> d
         batch_size=batch_size,
     )
     seconds = time.perf_counter() - start
-    own = dict(images=k, metric=_metric(story, evaluate(model, base_cfg)), seconds=seconds)
+    own = dict(images=k, metric=story_metric(story, evaluate(model, base_cfg)), seconds=seconds)
     log(
         f"== {task}: sanity: label-free patch from {k} of the base's own training images: "
-        f"{own['metric']:.3f} on the base test set (base {_metric(story, base_eval):.3f})"
+        f"{own['metric']:.3f} on the base test set (base {story_metric(story, base_eval):.3f})"
     )
     set_active_patch(model, None)
     remove_patch(model, "own")
     return own
 
 
-def _config(path: Path, data_root: str) -> Config:
+def config_on(path: Path, data_root: str) -> Config:
+    """The config file ``path`` with every loader's dataset reading ``data_root``."""
     cfg = Config.fromfile(str(path))
     cfg.merge_from_dict({f"{key}.dataset.data_root": data_root for key in LOADERS})
     return cfg
 
 
-def _metric(story, evaluation) -> float:
+def story_metric(story, evaluation) -> float:
+    """The story's metric from an :class:`~mmdelta.evaluation.Evaluation`, in [0, 1]."""
     return float(evaluation.metrics[story.metric_key]) * story.metric_scale
 
 
-def _mkdir(path: Path) -> Path:
+def made_dir(path: Path) -> Path:
+    """``path``, created with its parents if missing."""
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
-def _now() -> str:
+def now() -> str:
+    """The local time, ISO 8601 to the second (the records' ``date``)."""
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
-def _machine() -> dict:
+def machine_record() -> dict:
     """The record's machine fields (``cpus`` is the torch thread count here, as before)."""
     machine = describe_machine()
     return dict(
@@ -261,268 +267,3 @@ def _machine() -> dict:
         python=machine["python"],
         torch=machine["torch"],
     )
-
-
-# --------------------------------------------------------------------------- methods x shifts
-
-#: the label-free shifts measured per method: the realistic one (fog, haze over the base's
-#: scenes) and the demo's strong one (light shapes on coloured clutter)
-SHIFTS = ("fog", "shifted")
-METHODS = ("adabn", "self-training")
-VALIDATION_IMAGES = 100  # the last training images of the new domain: for choices, not used
-
-
-def shift_roots(task: str, shift: str, data_dir: Path, demo_data: Path) -> tuple[str, str]:
-    """The generated base data (the demo's) and the ``shift`` data (seed 1, as the demo's
-    shifted task; full size: 600 training, 120 test images); generated once, then cached."""
-    from .demo.preparation import write_task_data
-    from .demo.stories import SIZES
-
-    story = STORIES[task]
-    base_root = write_task_data(story, story.base, SIZES["full"], demo_data)
-    size = SIZES["full"]
-    shift_root = story.writer(
-        data_dir / f"{task}_{shift}",
-        story.base.classes,
-        size.num_train,
-        size.num_test,
-        seed=1,
-        style=shift,
-        **story.data,
-    )
-    return base_root, shift_root
-
-
-def labelled_patch(task: str, shift: str, shift_root: str, checkpoint: Path, out: Path, log):
-    """The labelled reference patch on ``shift``: the demo's shifted-task recipe (config,
-    iterations, lr) on the labelled training images; trained once, then cached."""
-    from ..runner.cli import build_runner
-
-    folder = out / task / shift / "labelled"
-    patch = folder / "labelled.patch.safetensors"
-    if patch.is_file():
-        return patch, None
-    story = STORIES[task]
-    cfg = _config(Path("configs/demo") / story.tasks[0].config, shift_root)
-    cfg.delta_patch["name"] = "labelled"
-    cfg.load_from, cfg.work_dir = str(checkpoint), str(folder)
-    cfg.val_dataloader = cfg.val_cfg = cfg.val_evaluator = None
-    cfg.train_cfg.val_interval = cfg.train_cfg.max_iters + 1
-    cfg.visualizer.name = f"mmdelta-label-free-labelled-{task}-{shift}"
-    log(f"== {task}/{shift}: training the labelled reference patch (cached afterwards)")
-    start = time.perf_counter()
-    build_runner(cfg).train()
-    return patch, time.perf_counter() - start
-
-
-def measure_shift(
-    task: str,
-    shift: str,
-    methods: Sequence[str],
-    out: str | os.PathLike,
-    data_dir: str | os.PathLike = "data/label_free",
-    demo_data: str | os.PathLike = "data/demo",
-    demo_out: str | os.PathLike = "work_dirs/demo",
-    rounds: int = 1,
-    score_thr: float | None = None,
-    max_iters: int | None = None,
-    batch_size: int = 4,
-    log=print,
-) -> dict:
-    """One task on one shift: the base, the labelled reference patch and one label-free patch
-    per method; gap closed on the shift's test set, and every patch switched off compared
-    with the base on the base's own test set, bit for bit. Writes and returns the record."""
-    from ..label_free import LabelFreeError
-    from ..label_free.self_training import (
-        THRESHOLDS,
-        choose_threshold,
-        file_sha256,
-        pseudo_label_quality,
-        self_train,
-        stats_records,
-    )
-    from ..patching import load_patch
-
-    story = STORIES[task]
-    out, data_dir, demo_data = Path(out), Path(data_dir), Path(demo_data)
-    checkpoint = Path(demo_out) / task / "base" / "base.pth"
-    if not checkpoint.is_file():
-        raise DemoOutputMissing(
-            f"the cached base {checkpoint} is missing: run `.venv/bin/python tools/demo.py "
-            f"--task {task}` first"
-        )
-    base_sha = file_sha256(checkpoint)
-    base_root, shift_root = shift_roots(task, shift, data_dir, demo_data)
-    base_cfg = _config(Path("configs/demo") / story.base.config, base_root)
-    shift_cfg = _config(Path("configs/demo") / story.base.config, shift_root)
-    recipe = _config(Path("configs/demo") / story.tasks[0].config, shift_root)
-    files = train_images(shift_cfg)
-    pool = files[: len(files) - VALIDATION_IMAGES]
-
-    model = init_base_model(base_cfg, str(checkpoint))
-    base_eval = evaluate(model, base_cfg)
-    base_shift = _metric(story, evaluate(model, shift_cfg))
-    log(
-        f"== {task}/{shift}: base {story.metric_label} {_metric(story, base_eval):.3f} on its "
-        f"own test set, {base_shift:.3f} on the {shift} test set"
-    )
-    labelled_file, labelled_seconds = labelled_patch(task, shift, shift_root, checkpoint, out, log)
-
-    def score(name: str, patch: str, seconds: float | None, extra: dict | None = None) -> dict:
-        value = _metric(story, evaluate(model, shift_cfg))
-        with delta_disabled(model):
-            off = evaluate(model, base_cfg)
-        difference = first_difference(base_eval.predictions, off.predictions)
-        run = dict(
-            method=name,
-            score=value,
-            seconds=seconds,
-            patch_off_identical=difference is None,
-            first_difference=difference,
-            **(extra or {}),
-        )
-        log(f"== {task}/{shift}: {name}: {value:.3f}; patch off == base: {difference is None}")
-        set_active_patch(model, None)
-        remove_patch(model, patch)
-        return run
-
-    load_patch(model, labelled_file, name="labelled")
-    labelled = score("labelled", "labelled", labelled_seconds, dict(patch_file=str(labelled_file)))
-    runs, choice = [], None
-    for method in methods:
-        start = time.perf_counter()
-        if method == "adabn":
-            adapt_norm_stats(model, pool, name="adabn", cfg=shift_cfg, batch_size=batch_size)
-            patch_file = save_patch(
-                model, _mkdir(out / task / shift) / "adabn.safetensors", "adabn", overwrite=True
-            )
-            run = score(
-                "adabn", "adabn", time.perf_counter() - start, dict(patch_file=str(patch_file))
-            )
-        elif method == "self-training":
-            folder = out / task / shift / "self_training"
-            if score_thr is None:  # chosen on the validation split, never on the test set
-                adapt_norm_stats(model, pool, name="teacher", cfg=shift_cfg, batch_size=batch_size)
-                choice = pseudo_label_quality(
-                    model, shift_cfg, files[len(pool) :], THRESHOLDS[task], batch_size
-                )
-                set_active_patch(model, None)
-                remove_patch(model, "teacher")
-                score_thr = choose_threshold(choice)
-                log(f"== {task}/{shift}: threshold {score_thr} chosen on validation: {choice}")
-            settings = dict(rounds=rounds, score_thr=score_thr, max_iters=max_iters, pool=len(pool))
-            cached = _cached_self_training(folder, settings)
-            if cached is None:
-                try:
-                    patch_file, history = self_train(
-                        recipe,
-                        checkpoint,
-                        pool,
-                        folder,
-                        name="self_training",
-                        rounds=rounds,
-                        score_thr=score_thr,
-                        max_iters=max_iters,
-                        batch_size=batch_size,
-                        log=log,
-                    )
-                except LabelFreeError as err:  # nothing confident: no patch, the base's score
-                    log(f"== {task}/{shift}: self-training: {err}")
-                    runs.append(
-                        dict(
-                            threshold_choice=choice,
-                            score_thr=score_thr,
-                            method=method,
-                            score=base_shift,
-                            seconds=time.perf_counter() - start,
-                            patch_off_identical=True,
-                            gap_closed=0.0,
-                            note=str(err),
-                        )
-                    )
-                    continue
-                seconds = time.perf_counter() - start
-                record = dict(settings=settings, patch=str(patch_file), seconds=seconds)
-                record["history"] = stats_records(history)
-                (folder / "self_training.json").write_text(json.dumps(record, indent=2))
-            else:
-                log(f"== {task}/{shift}: self-training: cached {cached['patch']}")
-                patch_file, seconds = Path(cached["patch"]), cached["seconds"]
-                history = cached["history"]
-            history = [h if isinstance(h, dict) else stats_records([h])[0] for h in history]
-            load_patch(model, patch_file, name="self_training")
-            run = score(
-                "self-training",
-                "self_training",
-                seconds,
-                dict(
-                    patch_file=str(patch_file),
-                    rounds=history,
-                    score_thr=score_thr,
-                    threshold_choice=choice,
-                ),
-            )
-        else:
-            raise ValueError(f"unknown method {method!r}; methods: {METHODS}")
-        run["gap_closed"] = (run["score"] - base_shift) / (labelled["score"] - base_shift)
-        log(f"== {task}/{shift}: {method}: gap closed {run['gap_closed']:.1%}")
-        runs.append(run)
-    if file_sha256(checkpoint) != base_sha:
-        raise RuntimeError(f"the base checkpoint {checkpoint} changed")  # a bug
-    result = dict(
-        task=task,
-        shift=shift,
-        metric=story.metric_label,
-        date=_now(),
-        machine=_machine(),
-        base_checkpoint=str(checkpoint),
-        base_sha256=base_sha,
-        base_own=_metric(story, base_eval),
-        base_shifted=base_shift,
-        labelled=labelled,
-        unlabelled_pool=len(pool),
-        validation_images=len(files) - len(pool),
-        test_images=len(base_eval.predictions),
-        runs=runs,
-    )
-    (_mkdir(out / task / shift) / "label_free_methods.json").write_text(
-        json.dumps(result, indent=2)
-    )
-    return result
-
-
-def _method_cell(run: dict) -> str:
-    if run.get("note"):
-        return f"{run['method']} (no confident pseudo-label: no patch)"
-    if run["method"] == "self-training":
-        return f"self-training (thr {run['score_thr']}, {len(run['rounds'])} round)"
-    return run["method"]
-
-
-def _cached_self_training(folder: Path, settings: dict) -> dict | None:
-    """The recorded self-training run in ``folder`` if it used the same ``settings``."""
-    record_file = folder / "self_training.json"
-    if not record_file.is_file():
-        return None
-    record = json.loads(record_file.read_text())
-    if record.get("settings") != settings or not Path(record["patch"]).is_file():
-        return None
-    return record
-
-
-def methods_table(results: list[dict]) -> str:
-    """The README's table: one row per task, shift and label-free method."""
-    lines = [
-        "| task | shift | metric | base (own domain) | base on shift | method | label-free | "
-        "labelled patch | gap closed | patch off == base | time |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        for run in r["runs"]:
-            lines.append(
-                f"| {r['task']} | {r['shift']} | {r['metric']} | {r['base_own']:.3f} | "
-                f"{r['base_shifted']:.3f} | {_method_cell(run)} | **{run['score']:.3f}** | "
-                f"{r['labelled']['score']:.3f} | {run['gap_closed']:.1%} | "
-                f"{'yes' if run['patch_off_identical'] else 'NO'} | {run['seconds']:.0f} s |"
-            )
-    return "\n".join(lines)

@@ -1,0 +1,331 @@
+"""Label-free segmentation patches by entropy minimisation (TENT-style).
+
+Given a patch recipe (a segmentation config with ``delta_patch``), the base checkpoint and a
+folder of *unlabelled* images of the new domain, the patch is trained to make the model's
+per-pixel class distributions confident on those images (Wang et al., "Tent: Fully
+Test-Time Adaptation by Entropy Minimization", ICLR 2021):
+
+    loss = mean over image pixels of H(softmax(seg_logits)) / log(C)
+
+(``seg_logits``: ``(N, C, H, W)`` after mmseg's resize to the input size; H: Shannon
+entropy; normalised so that 1 = uniform over the C classes). Only the patch trains, as an
+ordinary patch through the project's runner (``DeltaRunner``), so the result is an ordinary
+patch file (``load_patch``, merge, serving):
+
+* ``trainable='norm'`` (TENT proper): the patch owns the norm layers
+  (``branch=None, task_norm=True``): their affine parameters train, and their BatchNorm
+  copies normalise with batch statistics while training and keep their own running
+  statistics of the new images (AdaBN built in); nothing else changes.
+* ``trainable='patch'``: the recipe's own ``delta_patch`` (e.g. low-rank Δ branches and
+  ``task_norm``).
+
+How it plugs into an unmodified mmseg segmentor (nothing is monkey-patched): the training
+set is the images with :class:`UnlabelledSegMap` in place of ``LoadAnnotations`` (a map of
+zeros that only marks which pixels are image: the data preprocessor pads with 255 =
+``ignore_index``), and every decode / auxiliary head's ``loss_decode`` becomes
+:class:`PixelEntropyLoss`, which reads the label only to leave padding out. The head's
+logged ``acc_seg`` is then meaningless (the share of pixels predicted as class 0).
+
+Entropy minimisation can collapse (every pixel one confident class). :func:`minimise_entropy`
+reports what is visible without labels: the mean entropy and confidence and the predicted
+share of every class on the images, before (the base with AdaBN statistics) and after;
+a class whose share falls below a quarter of its share before is flagged as vanishing
+(stopping rule in ``docs/serving.md``). The base checkpoint is only read (SHA-256 compared).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from mmcv.transforms import BaseTransform
+from mmengine.registry import MODELS, TRANSFORMS
+from torch import nn
+
+from ..datasets.images import list_images
+from .norm_stats import LabelFreeError, adapt_norm_stats, unlabelled_loader
+
+TRAINABLE = ("norm", "patch")
+
+
+@MODELS.register_module()
+class PixelEntropyLoss(nn.Module):
+    """Mean normalised Shannon entropy of the per-pixel soft-max, as an mmseg ``loss_decode``.
+
+    ``seg_logits``: ``(N, C, H, W)``; ``seg_label``: ``(N, H, W)``, read only to leave out
+    pixels equal to ``ignore_index`` (padding). Returns ``loss_weight`` × the mean over the
+    other pixels of ``-sum_c p_c log p_c / log C`` (in ``[0, 1]``)."""
+
+    def __init__(self, loss_weight: float = 1.0, loss_name: str = "loss_entropy"):
+        super().__init__()
+        self.loss_weight = loss_weight
+        self._loss_name = loss_name
+
+    def forward(self, seg_logits, seg_label, weight=None, ignore_index=255, **kwargs):
+        log_p = seg_logits.float().log_softmax(dim=1)
+        entropy = -(log_p.exp() * log_p).sum(dim=1) / math.log(seg_logits.shape[1])
+        valid = seg_label != ignore_index
+        if not bool(valid.any()):
+            return entropy.sum() * 0.0  # keeps the graph: a batch of padding only
+        return self.loss_weight * entropy[valid].mean()
+
+    @property
+    def loss_name(self) -> str:
+        return self._loss_name
+
+
+@TRANSFORMS.register_module()
+class UnlabelledSegMap(BaseTransform):
+    """Stands in for ``LoadAnnotations`` on unlabelled images: ``gt_seg_map`` = zeros of the
+    image's ``(H, W)`` (uint8), added to ``seg_fields`` so later resizes, flips and crops
+    follow the image. It marks image pixels only; :class:`PixelEntropyLoss` ignores its values."""
+
+    def transform(self, results: dict) -> dict:
+        h, w = results["img"].shape[:2]
+        results["gt_seg_map"] = np.zeros((h, w), np.uint8)
+        results.setdefault("seg_fields", []).append("gt_seg_map")
+        return results
+
+
+@dataclass
+class EntropyStats:
+    """What an entropy-minimisation run shows without labels (on its unlabelled images)."""
+
+    images: int
+    trainable: str
+    entropy_before: float  # mean normalised pixel entropy, the base with AdaBN statistics
+    entropy_after: float  # ... the patched model
+    confidence_before: float  # mean max soft-max probability
+    confidence_after: float
+    share_before: dict = field(default_factory=dict)  # predicted share of pixels per class
+    share_after: dict = field(default_factory=dict)
+    vanishing: list = field(default_factory=list)  # classes whose share fell below 1/4
+    train_seconds: float = 0.0
+    patch_file: str = ""
+
+    def line(self) -> str:
+        shares = {c: f"{self.share_before[c]:.3f}->{v:.3f}" for c, v in self.share_after.items()}
+        warn = f"; VANISHING classes {self.vanishing}: a collapsing run" if self.vanishing else ""
+        return (
+            f"entropy ({self.trainable}) on {self.images} images: mean entropy "
+            f"{self.entropy_before:.3f} -> {self.entropy_after:.3f}, mean confidence "
+            f"{self.confidence_before:.3f} -> {self.confidence_after:.3f}, predicted share "
+            f"per class {shares}{warn}"
+        )
+
+
+def _innermost(dataset: Mapping) -> Mapping:
+    while dataset.get("dataset") is not None:
+        dataset = dataset["dataset"]
+    return dataset
+
+
+def _entropy_losses(head: Mapping, where: str) -> None:
+    losses = head.get("loss_decode")
+    if losses is None:
+        raise LabelFreeError(
+            f"entropy minimisation replaces {where}.loss_decode (mmseg decode heads); this "
+            f"model's {where} ({head.get('type')}) has none: use --method self-training"
+        )
+    weights = [losses] if isinstance(losses, Mapping) else list(losses)
+    weight = sum(float(w.get("loss_weight", 1.0)) for w in weights)
+    head["loss_decode"] = dict(type="PixelEntropyLoss", loss_weight=weight)
+
+
+def entropy_config(
+    recipe,
+    image_root: Path,
+    checkpoint: str,
+    work_dir: Path,
+    name: str,
+    trainable: str = "norm",
+    max_iters: int | None = None,
+    lr: float | None = None,
+):
+    """The recipe config training patch ``name`` by entropy minimisation on the images linked
+    under ``image_root/img_dir/train`` (no validation)."""
+    if trainable not in TRAINABLE:
+        raise ValueError(f"trainable must be one of {TRAINABLE}, got {trainable!r}")
+    cfg = copy.deepcopy(recipe)
+    if cfg.get("delta_patch") is None:
+        raise LabelFreeError(
+            "entropy minimisation trains a Δ patch: pass a patch recipe config (one with a "
+            "`delta_patch` key, e.g. configs/demo/seg_shapes_shifted.py), not a base config"
+        )
+    model = cfg.model
+    if model.get("decode_head") is None:
+        raise LabelFreeError(
+            f"entropy minimisation is for mmseg segmentors with a decode_head; the config's "
+            f"model is a {model.get('type')}: use --method self-training"
+        )
+    _entropy_losses(model.decode_head, "decode_head")
+    auxiliary = model.get("auxiliary_head")
+    if isinstance(auxiliary, Mapping):
+        _entropy_losses(auxiliary, "auxiliary_head")
+    elif auxiliary:
+        for k, head in enumerate(auxiliary):
+            _entropy_losses(head, f"auxiliary_head[{k}]")
+    if trainable == "norm":
+        keep = {k: cfg.delta_patch[k] for k in ("targets", "exclude") if k in cfg.delta_patch}
+        cfg.delta_patch = dict(name=name, branch=None, task_norm=True, **keep)
+    else:
+        cfg.delta_patch["name"] = name
+    cfg.load_from, cfg.work_dir, cfg.resume = str(checkpoint), str(work_dir), False
+
+    dataset = copy.deepcopy(_innermost(cfg.train_dataloader.dataset))
+    pipeline = []
+    for step in dataset.pipeline:
+        if "Annotations" in str(step["type"]):
+            pipeline.append(dict(type="UnlabelledSegMap"))
+        else:
+            step = dict(step)
+            if step.get("cat_max_ratio") is not None:
+                step["cat_max_ratio"] = 1.0  # no labels to balance crops by
+            pipeline.append(step)
+    dataset.data_root = str(image_root) + "/"
+    dataset.pop("data_prefix", None)  # (ConfigDict.update would merge, keeping seg_map_path)
+    dataset.data_prefix = dict(img_path="img_dir/train")
+    dataset.img_suffix, dataset.ann_file, dataset.pipeline = ".jpg", "", pipeline
+    cfg.train_dataloader.dataset = dataset
+    if max_iters is not None:
+        cfg.train_cfg.max_iters = max_iters
+        for s in cfg.get("param_scheduler", []):
+            if s.get("end", 0) > max_iters:
+                s["end"] = max_iters
+        cfg.default_hooks.checkpoint.interval = max_iters
+    if lr is not None:
+        cfg.optim_wrapper.optimizer.lr = lr
+    cfg.val_dataloader = cfg.val_cfg = cfg.val_evaluator = None
+    cfg.train_cfg.val_interval = cfg.train_cfg.max_iters + 1
+    imports = dict(cfg.get("custom_imports") or dict(imports=[], allow_failed_imports=False))
+    imports["imports"] = [*imports.get("imports", []), "mmdelta.label_free.entropy"]
+    cfg.custom_imports = imports
+    cfg.visualizer.name = f"mmdelta-label-free-entropy-{uuid.uuid4().hex[:8]}"
+    return cfg
+
+
+@torch.no_grad()
+def prediction_stats(model, cfg, files: Sequence[Path], batch_size: int = 4):
+    """(mean normalised entropy, mean confidence, predicted share of pixels per class index)
+    of ``model`` on the images, in eval mode through the config's test pipeline."""
+    model.eval()
+    entropy = confidence = 0.0
+    counts, total = None, 0
+    for batch in unlabelled_loader(cfg, list(files), batch_size=batch_size):
+        for sample in model.test_step(batch):
+            prob = sample.seg_logits.data.float().softmax(0)
+            log_c = math.log(prob.shape[0])
+            entropy += float(-(prob * prob.clamp_min(1e-12).log()).sum(0).sum()) / log_c
+            conf, label = prob.max(0)
+            confidence += float(conf.sum())
+            hist = np.bincount(label.flatten().numpy(), minlength=prob.shape[0])
+            counts = hist if counts is None else counts + hist
+            total += label.numel()
+    total = max(total, 1)
+    return entropy / total, confidence / total, (counts / total if counts is not None else [])
+
+
+def _link_images(files: Sequence[Path], folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, src in enumerate(files):
+        dst = folder / f"{k:06d}.jpg"
+        if dst.exists() or dst.is_symlink():
+            dst.unlink()
+        os.symlink(Path(src).resolve(), dst)
+
+
+def minimise_entropy(
+    recipe,
+    checkpoint: str | os.PathLike,
+    images: str | os.PathLike | Sequence[str | os.PathLike],
+    work_dir: str | os.PathLike,
+    name: str = "entropy",
+    trainable: str = "norm",
+    max_iters: int | None = None,
+    lr: float | None = None,
+    max_images: int | None = None,
+    batch_size: int = 4,
+    log: Callable[[str], None] = print,
+) -> tuple[Path, EntropyStats]:
+    """Trains patch ``name`` of ``recipe`` (a config with ``delta_patch``, or its file) by
+    entropy minimisation on ``images`` (module docstring); returns the patch file
+    (``<work_dir>/<name>.patch.safetensors``) and the run's :class:`EntropyStats`.
+    ``max_iters`` / ``lr`` default to the recipe's schedule and learning rate."""
+    from mmengine.config import Config
+
+    from ..apis import init_base_model
+    from ..patching import load_patch
+    from ..runner.cli import build_runner
+    from .self_training import file_sha256, task_kind
+
+    if not isinstance(recipe, Config):
+        recipe = Config.fromfile(str(recipe))
+    if recipe.get("delta_patch") is None:
+        raise LabelFreeError(
+            "entropy minimisation trains a Δ patch: pass a patch recipe config (one with a "
+            "`delta_patch` key, e.g. configs/demo/seg_shapes_shifted.py), not a base config"
+        )
+    if task_kind(recipe) != "seg":
+        raise LabelFreeError(
+            "entropy minimisation is for segmentation (a per-pixel class distribution); "
+            "for detection use --method self-training"
+        )
+    files = list_images(images)
+    if max_images is not None:
+        files = files[:max_images]
+    checkpoint, work_dir = Path(checkpoint), Path(work_dir)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"base checkpoint {checkpoint} does not exist")
+    base_sha = file_sha256(checkpoint)
+    cfg = entropy_config(
+        recipe, work_dir / "images", str(checkpoint), work_dir, name, trainable, max_iters, lr
+    )
+    test_cfg = copy.deepcopy(recipe)
+    test_cfg.pop("delta_patch")
+
+    model = init_base_model(test_cfg, str(checkpoint))
+    classes = list(model.dataset_meta["classes"])
+    adapt_norm_stats(model, files, name="adabn", cfg=test_cfg, batch_size=batch_size)
+    before = prediction_stats(model, test_cfg, files, batch_size)
+    del model
+
+    _link_images(files, work_dir / "images" / "img_dir" / "train")
+    start = time.perf_counter()
+    build_runner(cfg).train()
+    seconds = time.perf_counter() - start
+    patch_file = work_dir / f"{name}.patch.safetensors"
+    if not patch_file.is_file():
+        raise RuntimeError(f"the runner wrote no patch {patch_file}")  # a bug
+    if file_sha256(checkpoint) != base_sha:
+        raise RuntimeError(f"the base checkpoint {checkpoint} changed during training")
+
+    model = init_base_model(test_cfg, str(checkpoint))
+    load_patch(model, patch_file)
+    after = prediction_stats(model, test_cfg, files, batch_size)
+    if len(classes) != len(before[2]):  # the head's outputs are not the metadata's classes
+        classes = [str(k) for k in range(len(before[2]))]
+    share_before = {c: round(float(v), 4) for c, v in zip(classes, before[2], strict=True)}
+    share_after = {c: round(float(v), 4) for c, v in zip(classes, after[2], strict=True)}
+    stats = EntropyStats(
+        images=len(files),
+        trainable=trainable,
+        entropy_before=before[0],
+        entropy_after=after[0],
+        confidence_before=before[1],
+        confidence_after=after[1],
+        share_before=share_before,
+        share_after=share_after,
+        vanishing=[c for c in classes if share_after[c] < 0.25 * share_before[c]],
+        train_seconds=seconds,
+        patch_file=str(patch_file),
+    )
+    log(f"entropy minimisation: {stats.line()}")
+    return patch_file, stats
