@@ -175,44 +175,62 @@ def test_pixel_entropy_loss_and_the_unlabelled_map():
     value.backward()
     assert logits.grad[1].abs().sum() == 0 and logits.grad[0].abs().sum() > 0
     assert loss(logits, torch.full_like(label, 255)).item() == 0.0  # all padding: zero, no NaN
+    # the class-marginal term: KL(prior || the batch's mean soft-max over valid pixels)
+    share = p.reshape(4, -1).mean(1).detach()
+    at_prior = PixelEntropyLoss(prior=share.tolist(), marginal_weight=2.0)
+    assert torch.allclose(at_prior(logits, label), expected, atol=1e-6)  # KL = 0 there
+    prior = torch.tensor([0.7, 0.1, 0.1, 0.1])
+    off_prior = PixelEntropyLoss(prior=prior.tolist(), marginal_weight=2.0)
+    kl = (prior * (prior / share).log()).sum()
+    assert torch.allclose(off_prior(logits, label), expected + 2.0 * kl / math.log(4), atol=1e-6)
+    with pytest.raises(ValueError, match="3 shares for 4 classes"):
+        PixelEntropyLoss(prior=[0.5, 0.25, 0.25])(logits, label)
     results = UnlabelledSegMap()(dict(img=np.zeros((5, 7, 3), np.uint8), seg_fields=[]))
     assert results["gt_seg_map"].shape == (5, 7) and results["seg_fields"] == ["gt_seg_map"]
 
 
 def test_tiny_entropy_minimisation_seg_and_the_tool(tmp_path):
-    """Both trainable sets through the tool: ordinary patches (reload onto a fresh base, patch
-    off == base bit for bit), the base checkpoint's bytes unchanged, errors with exit 2."""
+    """A norm-only run through the tool: an ordinary patch (reloads onto a fresh base, patch
+    off == base bit for bit) with no Δ branch, the base checkpoint's bytes unchanged, the
+    heads' losses replaced; the 'patch' set keeps the recipe's patch; errors exit 2."""
+    from safetensors import safe_open
+
+    from mmdelta.label_free.entropy import entropy_config
+
     data = Path(write_seg_dataset(tmp_path / "fog", CLASSES, 3, 0, (64, 64), 1, "fog"))
     images = data / "img_dir" / "train"
     ckpt = write_base(SEG_CONFIG, tmp_path / "base.pth")
     before = ckpt.read_bytes()
+    recipe = _recipe(SEG_CONFIG)
     recipe_file = tmp_path / "recipe.py"
-    _recipe(SEG_CONFIG).dump(str(recipe_file))
+    recipe.dump(str(recipe_file))
     spec = importlib.util.spec_from_file_location(
         "adapt_label_free", ROOT / "tools/adapt_label_free.py"
     )
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    for trainable in ("norm", "patch"):
-        out = tmp_path / f"{trainable}.safetensors"
-        argv = [
-            *("--config", str(recipe_file), "--checkpoint", str(ckpt), "--images", str(images)),
-            *("--out", str(out), "--method", "entropy", "--trainable", trainable),
-            *("--max-iters", "2", "--work-dir", str(tmp_path / trainable)),
-        ]
-        assert tool.main(argv) == 0
-        assert ckpt.read_bytes() == before
-        _check_patch(SEG_CONFIG, ckpt, out, images, "entropy")
-        log = next((tmp_path / trainable).rglob("*.log")).read_text()
-        assert "loss_entropy" in log and "loss_ce" not in log  # the objective took over
-    from safetensors import safe_open
-
-    def branch_tensors(patch):  # anything but the norm layers' own copies ("layer:own_*")
-        with safe_open(patch, "pt") as f:
-            return [k for k in f.keys() if not k.split(":")[-1].startswith("own_")]
-
-    assert not branch_tensors(tmp_path / "norm.safetensors")  # norm-only: no Δ branch
-    assert branch_tensors(tmp_path / "patch.safetensors")
+    out = tmp_path / "norm.safetensors"
+    argv = [
+        *("--config", str(recipe_file), "--checkpoint", str(ckpt), "--images", str(images)),
+        *("--out", str(out), "--method", "entropy", "--trainable", "norm"),
+        *("--max-iters", "2", "--work-dir", str(tmp_path / "run")),
+    ]
+    assert tool.main(argv) == 0
+    assert ckpt.read_bytes() == before
+    _check_patch(SEG_CONFIG, ckpt, out, images, "entropy")
+    log = next((tmp_path / "run").rglob("*.log")).read_text()
+    assert "loss_entropy" in log and "loss_ce" not in log  # the objective took over
+    with safe_open(out, "pt") as f:  # norm-only: the norm layers' own copies, no Δ branch
+        keys = list(f.keys())
+    assert keys and all(k.split(":")[-1].startswith("own_") for k in keys)
+    # 'patch': the recipe's own patch; every head's loss is the entropy, with the prior
+    cfg = entropy_config(recipe, tmp_path, str(ckpt), tmp_path, "e", "patch", prior=[0.25] * 4)
+    assert cfg.delta_patch == dict(recipe.delta_patch, name="e")
+    heads = [cfg.model.decode_head, cfg.model.auxiliary_head]
+    assert all(h.loss_decode.type == "PixelEntropyLoss" for h in heads)
+    assert heads[0].loss_decode.prior == [0.25] * 4
+    steps = [t["type"] for t in cfg.train_dataloader.dataset.pipeline]
+    assert "UnlabelledSegMap" in steps and not any("Annotations" in t for t in steps)
     # a detection recipe is refused with a message naming the method to use instead
     det = tmp_path / "det.py"
     _recipe(DET_CONFIG).dump(str(det))

@@ -18,20 +18,23 @@ Uses what ``tools/demo.py`` left (it never trains a base): the cached base
 Writes ``<out>/<task>/label_free_gap.json`` and prints a Markdown table (the README's);
 the logic is ``mmdelta.apps.label_free_gap``.
 
-Per method and shift (``--methods``; needs only the cached bases):
+Per method and shift (``--methods``; needs only the cached bases; the logic is
+``mmdelta.apps.label_free_methods``):
 
-    .venv/bin/python tools/label_free_gap.py --methods adabn self-training
+    .venv/bin/python tools/label_free_gap.py --methods adabn self-training entropy
         [--shift fog shifted] [--task det seg] [--rounds 1] [--score-thr T] [--max-iters N]
 
 For each task and shift (``fog``: the base's scenes through haze, the realistic case;
 ``shifted``: the demo's strong shift): the base on its own and on the shift's test set, the
 labelled reference patch (the demo's shifted-task recipe on the shift's labelled training
 images; trained once, cached under ``<out>/<task>/<shift>/labelled``), then one label-free
-patch per method from the shift's first 500 training images without their labels (the last
-100 are a validation split, never used here); gap closed = (label-free − base) / (labelled −
-base) on the shift's test set; every patch switched off is compared with the base on the
-base's test set, bit for bit, and the base checkpoint's SHA-256 before and after. Writes
-``<out>/<task>/<shift>/label_free_methods.json`` and prints the README's table.
+patch per method from the shift's first 500 training images without their labels
+(``entropy``: segmentation only). The last 100 training images, with their labels, are the
+validation split: self-training's threshold, entropy's trainable set (norm / patch) and the
+method to use are chosen there, never on the test set. Gap closed = (label-free − base) /
+(labelled − base) on the shift's test set; every patch switched off is compared with the
+base on the base's test set, bit for bit, and the base checkpoint's SHA-256 before and
+after. Writes ``<out>/<task>/<shift>/label_free_methods.json`` and prints the README's table.
 """
 
 import argparse

@@ -17,7 +17,8 @@ demo's cached base alone:
    gap closed = (label-free − base) / (labelled − base) on the test set.
 
 The method to use per task and shift is the one with the best *validation* score
-(``chosen``); the test set never decides anything. Writes
+(``chosen``), if it beats the base there (else ``None``: keep the base); the test set never
+decides anything. Writes
 ``<out>/<task>/<shift>/label_free_methods.json``; :func:`methods_table` is the README's table.
 """
 
@@ -356,7 +357,10 @@ def measure_shift(
         runs.append(run)
     if file_sha256(bench.checkpoint) != bench.base_sha:
         raise RuntimeError(f"the base checkpoint {bench.checkpoint} changed")  # a bug
-    chosen = max(runs, key=lambda r: r["validation"])["method"] if runs else None
+    best = max(runs, key=lambda r: r["validation"], default=None)
+    # a method is chosen only if it beats the base on validation; else keep the base
+    chosen = best["method"] if best and best["validation"] > bench.base_validation else None
+    log(f"== {task}/{shift}: chosen on the validation split: {chosen or 'the base (no patch)'}")
     result = dict(
         task=task,
         shift=shift,
