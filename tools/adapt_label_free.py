@@ -113,6 +113,7 @@ def run(args) -> Path:
     work_dir = (
         Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="label-free-"))
     )
+    print(f"adapt_label_free: logs, linked images and checkpoints in {work_dir}")
     if args.method == "entropy":
         patch, stats = minimise_entropy(
             recipe,

@@ -5,10 +5,14 @@ folder of *unlabelled* images of the new domain, the patch is trained to make th
 per-pixel class distributions confident on those images (Wang et al., "Tent: Fully
 Test-Time Adaptation by Entropy Minimization", ICLR 2021):
 
-    loss = mean over image pixels of H(softmax(seg_logits)) / log(C)
+    loss = (mean over image pixels of H(p) + marginal_weight × KL(prior ‖ p̄)) / log(C)
 
-(``seg_logits``: ``(N, C, H, W)`` after mmseg's resize to the input size; H: Shannon
-entropy; normalised so that 1 = uniform over the C classes). Only the patch trains, as an
+(``p = softmax(seg_logits)``, ``seg_logits``: ``(N, C, H, W)`` after mmseg's resize to the
+input size; H: Shannon entropy, so the first term is 1 for uniform predictions; ``p̄``: the
+batch's mean prediction, i.e. its predicted share of each class; ``prior``: the base's
+predicted shares on the same images with AdaBN statistics, measured before training). The
+class-marginal term is ours: plain TENT (``marginal_weight=0``) collapsed toward the
+dominant class on the fog validation split (docs/serving.md). Only the patch trains, as an
 ordinary patch through the project's runner (``DeltaRunner``), so the result is an ordinary
 patch file (``load_patch``, merge, serving):
 
@@ -26,7 +30,7 @@ zeros that only marks which pixels are image: the data preprocessor pads with 25
 :class:`PixelEntropyLoss`, which reads the label only to leave padding out. The head's
 logged ``acc_seg`` is then meaningless (the share of pixels predicted as class 0).
 
-Entropy minimisation can collapse (every pixel one confident class). :func:`minimise_entropy`
+Entropy minimisation can still drift (every pixel one confident class). :func:`minimise_entropy`
 reports what is visible without labels: the mean entropy and confidence and the predicted
 share of every class on the images, before (the base with AdaBN statistics) and after;
 a class whose share falls below a quarter of its share before is flagged as vanishing
