@@ -38,11 +38,11 @@ from ..label_free.entropy import TRAINABLE, minimise_entropy
 from ..label_free.self_training import (
     THRESHOLDS,
     choose_threshold,
-    file_sha256,
     pseudo_label_quality,
     self_train,
     stats_records,
 )
+from ..label_free.training_inputs import file_sha256
 from ..patching import delta_disabled, load_patch, remove_patch, save_patch, set_active_patch
 from .demo.stories import STORIES
 from .label_free_gap import (

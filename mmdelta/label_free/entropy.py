@@ -54,10 +54,11 @@ from mmcv.transforms import BaseTransform
 from mmengine.registry import MODELS, TRANSFORMS
 from torch import nn
 
-from ..datasets.images import list_images
-from .norm_stats import LabelFreeError, adapt_norm_stats, unlabelled_loader
+from .norm_stats import LabelFreeError, adapt_norm_stats
+from .training_inputs import TrainingInputs, link, predict, require_recipe
 
 TRAINABLE = ("norm", "patch")
+EXAMPLE = "configs/demo/seg_shapes_shifted.py"  # a patch recipe, for messages
 #: default length of a run: passes over the unlabelled images (TENT adapts in one online
 #: pass; on the fog validation split 100 iterations = 1.6 passes beat 400 = 6.4 passes)
 PASSES = 2
@@ -193,11 +194,7 @@ def entropy_config(
     if trainable not in TRAINABLE:
         raise ValueError(f"trainable must be one of {TRAINABLE}, got {trainable!r}")
     cfg = copy.deepcopy(recipe)
-    if cfg.get("delta_patch") is None:
-        raise LabelFreeError(
-            "entropy minimisation trains a Δ patch: pass a patch recipe config (one with a "
-            "`delta_patch` key, e.g. configs/demo/seg_shapes_shifted.py), not a base config"
-        )
+    require_recipe(cfg, "entropy minimisation", EXAMPLE)
     model = cfg.model
     if model.get("decode_head") is None:
         raise LabelFreeError(
@@ -255,30 +252,19 @@ def entropy_config(
 def prediction_stats(model, cfg, files: Sequence[Path], batch_size: int = 4):
     """(mean normalised entropy, mean confidence, predicted share of pixels per class index)
     of ``model`` on the images, in eval mode through the config's test pipeline."""
-    model.eval()
     entropy = confidence = 0.0
     counts, total = None, 0
-    for batch in unlabelled_loader(cfg, list(files), batch_size=batch_size):
-        for sample in model.test_step(batch):
-            prob = sample.seg_logits.data.float().softmax(0)
-            log_c = math.log(prob.shape[0])
-            entropy += float(-(prob * prob.clamp_min(1e-12).log()).sum(0).sum()) / log_c
-            conf, label = prob.max(0)
-            confidence += float(conf.sum())
-            hist = np.bincount(label.flatten().numpy(), minlength=prob.shape[0])
-            counts = hist if counts is None else counts + hist
-            total += label.numel()
+    for sample in predict(model, cfg, files, batch_size):
+        prob = sample.seg_logits.data.float().softmax(0)
+        log_c = math.log(prob.shape[0])
+        entropy += float(-(prob * prob.clamp_min(1e-12).log()).sum(0).sum()) / log_c
+        conf, label = prob.max(0)
+        confidence += float(conf.sum())
+        hist = np.bincount(label.flatten().numpy(), minlength=prob.shape[0])
+        counts = hist if counts is None else counts + hist
+        total += label.numel()
     total = max(total, 1)
     return entropy / total, confidence / total, (counts / total if counts is not None else [])
-
-
-def _link_images(files: Sequence[Path], folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for k, src in enumerate(files):
-        dst = folder / f"{k:06d}.jpg"
-        if dst.exists() or dst.is_symlink():
-            dst.unlink()
-        os.symlink(Path(src).resolve(), dst)
 
 
 def minimise_entropy(
@@ -302,36 +288,23 @@ def minimise_entropy(
     size (the recipe's schedule, shortened), ``lr`` to the recipe's.
     ``marginal_weight``: weight of the class-marginal term whose prior is the base's (with
     AdaBN statistics) predicted class shares on the same images; 0 = TENT's plain entropy."""
-    from mmengine.config import Config
-
     from ..apis import init_base_model
     from ..patching import load_patch
     from ..runner.cli import build_runner
-    from .self_training import file_sha256, task_kind
+    from .self_training import task_kind
 
-    if not isinstance(recipe, Config):
-        recipe = Config.fromfile(str(recipe))
-    if recipe.get("delta_patch") is None:
-        raise LabelFreeError(
-            "entropy minimisation trains a Δ patch: pass a patch recipe config (one with a "
-            "`delta_patch` key, e.g. configs/demo/seg_shapes_shifted.py), not a base config"
-        )
+    inputs = TrainingInputs.read(
+        recipe, checkpoint, images, max_images, "entropy minimisation", EXAMPLE
+    )
+    recipe, test_cfg, files = inputs.recipe, inputs.base_cfg, inputs.files
     if task_kind(recipe) != "seg":
         raise LabelFreeError(
             "entropy minimisation is for segmentation (a per-pixel class distribution); "
             "for detection use --method self-training"
         )
-    files = list_images(images)
-    if max_images is not None:
-        files = files[:max_images]
-    checkpoint, work_dir = Path(checkpoint), Path(work_dir)
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"base checkpoint {checkpoint} does not exist")
-    base_sha = file_sha256(checkpoint)
+    checkpoint, work_dir = inputs.checkpoint, Path(work_dir)
     if max_iters is None:
         max_iters = math.ceil(PASSES * len(files) / recipe.train_dataloader.batch_size)
-    test_cfg = copy.deepcopy(recipe)
-    test_cfg.pop("delta_patch")
 
     model = init_base_model(test_cfg, str(checkpoint))
     classes = list(model.dataset_meta["classes"])
@@ -351,15 +324,15 @@ def minimise_entropy(
         marginal_weight=marginal_weight,
     )
 
-    _link_images(files, work_dir / "images" / "img_dir" / "train")
+    for k, src in enumerate(files):
+        link(src, work_dir / "images" / "img_dir" / "train" / f"{k:06d}.jpg")
     start = time.perf_counter()
     build_runner(cfg).train()
     seconds = time.perf_counter() - start
     patch_file = work_dir / f"{name}.patch.safetensors"
     if not patch_file.is_file():
         raise RuntimeError(f"the runner wrote no patch {patch_file}")  # a bug
-    if file_sha256(checkpoint) != base_sha:
-        raise RuntimeError(f"the base checkpoint {checkpoint} changed during training")
+    inputs.check_base_unchanged()
 
     model = init_base_model(test_cfg, str(checkpoint))
     load_patch(model, patch_file)

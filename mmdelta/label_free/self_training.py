@@ -34,7 +34,6 @@ patch off it is the base bit for bit (checked by ``tools/label_free_gap.py``).
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 import os
 import time
@@ -46,10 +45,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..datasets.images import list_images
-from .norm_stats import LabelFreeError, adapt_norm_stats, unlabelled_loader
+from .norm_stats import LabelFreeError, adapt_norm_stats
+from .training_inputs import TrainingInputs, link, predict, require_recipe
 
 LOADERS = ("train_dataloader", "val_dataloader", "test_dataloader")
+EXAMPLE = "configs/demo/det_shapes_shifted.py"  # a patch recipe, for messages
 
 
 @dataclass
@@ -103,28 +103,6 @@ def _classes(model) -> list[str]:
     return list(classes)
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-@torch.no_grad()
-def _predict(model, cfg, files: list[Path], batch_size: int):
-    model.eval()
-    for batch in unlabelled_loader(cfg, files, batch_size=batch_size):
-        yield from model.test_step(batch)
-
-
-def _link(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if dst.exists() or dst.is_symlink():
-        dst.unlink()
-    os.symlink(Path(src).resolve(), dst)
-
-
 def write_det_pseudo_labels(
     model, cfg, files: list[Path], root: Path, score_thr: float, batch_size: int = 4
 ) -> RoundStats:
@@ -137,7 +115,7 @@ def write_det_pseudo_labels(
     (voc / "Annotations").mkdir(parents=True, exist_ok=True)
     ids, boxes, scores, entropies = [], 0, [], []
     per_class = {c: 0 for c in classes}
-    for k, sample in enumerate(_predict(model, cfg, files, batch_size)):
+    for k, sample in enumerate(predict(model, cfg, files, batch_size)):
         src = Path(sample.img_path)
         h, w = sample.ori_shape
         inst = sample.pred_instances
@@ -165,7 +143,7 @@ def write_det_pseudo_labels(
         img_id = f"{k:06d}"
         ids.append(img_id)
         boxes += len(objects)
-        _link(src, voc / "JPEGImages" / f"{img_id}.jpg")
+        link(src, voc / "JPEGImages" / f"{img_id}.jpg")
         (voc / "Annotations" / f"{img_id}.xml").write_text(
             voc_xml(img_id, w, h, objects, "pseudo"), encoding="utf-8"
         )
@@ -196,7 +174,7 @@ def write_seg_pseudo_labels(
     conf_sum = ent_sum = 0.0
     counts = np.zeros(len(classes), np.int64)
     kept_images = 0
-    for k, sample in enumerate(_predict(model, cfg, files, batch_size)):
+    for k, sample in enumerate(predict(model, cfg, files, batch_size)):
         logits = sample.seg_logits.data.float()
         prob = logits.softmax(0)
         conf, label = prob.max(0)
@@ -212,7 +190,7 @@ def write_seg_pseudo_labels(
         if mask.any():
             kept_images += 1
         name = f"{k:06d}"
-        _link(Path(sample.img_path), img_dir / f"{name}.jpg")
+        link(Path(sample.img_path), img_dir / f"{name}.jpg")
         cv2.imwrite(str(ann_dir / f"{name}.png"), label.numpy())
     return RoundStats(
         round=0,
@@ -239,11 +217,7 @@ def student_config(
 ):
     """The recipe config training patch ``name`` on the pseudo-labelled set, no validation."""
     cfg = copy.deepcopy(recipe)
-    if cfg.get("delta_patch") is None:
-        raise LabelFreeError(
-            "self-training trains a Δ patch: pass a patch recipe config (one with a "
-            "`delta_patch` key, e.g. configs/demo/det_shapes_shifted.py), not a base config"
-        )
+    require_recipe(cfg, "self-training", EXAMPLE)
     cfg.delta_patch["name"] = name
     cfg.load_from = str(checkpoint)
     cfg.work_dir = str(work_dir)
@@ -296,7 +270,6 @@ def self_train(
     ``score_thr`` default: 0.7 (det box score) / 0.9 (seg pixel confidence).
     ``adabn_teacher``: round 1's teacher is the base with an AdaBN patch (statistics of the
     same unlabelled images, :func:`adapt_norm_stats`) rather than the bare base."""
-    from mmengine.config import Config
 
     from ..apis import init_base_model
     from ..patching import load_patch
@@ -304,26 +277,13 @@ def self_train(
 
     if rounds < 1:
         raise ValueError(f"rounds must be ≥ 1, got {rounds}")
-    if not isinstance(recipe, Config):
-        recipe = Config.fromfile(str(recipe))
-    if recipe.get("delta_patch") is None:
-        raise LabelFreeError(
-            "self-training trains a Δ patch: pass a patch recipe config (one with a "
-            "`delta_patch` key, e.g. configs/demo/det_shapes_shifted.py), not a base config"
-        )
+    inputs = TrainingInputs.read(recipe, checkpoint, images, max_images, "self-training", EXAMPLE)
+    recipe, test_cfg, files = inputs.recipe, inputs.base_cfg, inputs.files
     kind = task_kind(recipe)
     score_thr = score_thr if score_thr is not None else (0.7 if kind == "det" else 0.9)
     if not 0 < score_thr < 1:
         raise ValueError(f"score_thr must be in (0, 1), got {score_thr}")
-    files = list_images(images)
-    if max_images is not None:
-        files = files[:max_images]
-    checkpoint, work_dir = Path(checkpoint), Path(work_dir)
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"base checkpoint {checkpoint} does not exist")
-    base_sha = file_sha256(checkpoint)
-    test_cfg = copy.deepcopy(recipe)
-    test_cfg.pop("delta_patch")
+    checkpoint, work_dir = inputs.checkpoint, Path(work_dir)
     patch_file, history = None, []
     for r in range(1, rounds + 1):
         folder = work_dir / f"round{r}"
@@ -360,8 +320,7 @@ def self_train(
             raise RuntimeError(f"the runner wrote no patch {patch_file}")  # a bug
         stats.patch_file = str(patch_file)
         history.append(stats)
-        if file_sha256(checkpoint) != base_sha:
-            raise RuntimeError(f"the base checkpoint {checkpoint} changed during self-training")
+        inputs.check_base_unchanged()
     return patch_file, history
 
 
@@ -409,7 +368,7 @@ def pseudo_label_quality(
     right = np.zeros(len(thresholds))
     kept = np.zeros(len(thresholds))
     total = 0
-    for sample in _predict(model, cfg, files, batch_size):
+    for sample in predict(model, cfg, files, batch_size):
         path = Path(sample.img_path)
         if kind == "det":
             gts = _voc_boxes(path.parent.parent / "Annotations" / f"{path.stem}.xml", classes)
