@@ -42,7 +42,7 @@ from ..label_free.self_training import (
     self_train,
     stats_records,
 )
-from ..label_free.training_inputs import file_sha256
+from ..label_free.training_inputs import file_sha256, training_only
 from ..patching import delta_disabled, load_patch, remove_patch, save_patch, set_active_patch
 from .demo.stories import STORIES
 from .label_free_gap import (
@@ -111,9 +111,7 @@ def labelled_patch(task: str, shift: str, shift_root: str, checkpoint: Path, out
     cfg = config_on(Path("configs/demo") / story.tasks[0].config, shift_root)
     cfg.delta_patch["name"] = "labelled"
     cfg.load_from, cfg.work_dir = str(checkpoint), str(folder)
-    cfg.val_dataloader = cfg.val_cfg = cfg.val_evaluator = None
-    cfg.train_cfg.val_interval = cfg.train_cfg.max_iters + 1
-    cfg.visualizer.name = f"mmdelta-label-free-labelled-{task}-{shift}"
+    training_only(cfg, None, f"mmdelta-label-free-labelled-{task}-{shift}")
     log(f"== {task}/{shift}: training the labelled reference patch (cached afterwards)")
     start = time.perf_counter()
     build_runner(cfg).train()

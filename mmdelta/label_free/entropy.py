@@ -43,7 +43,6 @@ import copy
 import math
 import os
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +54,7 @@ from mmengine.registry import MODELS, TRANSFORMS
 from torch import nn
 
 from .norm_stats import LabelFreeError, adapt_norm_stats
-from .training_inputs import TrainingInputs, link, predict, require_recipe
+from .training_inputs import TrainingInputs, link, predict, require_recipe, training_only
 
 TRAINABLE = ("norm", "patch")
 EXAMPLE = "configs/demo/seg_shapes_shifted.py"  # a patch recipe, for messages
@@ -231,20 +230,12 @@ def entropy_config(
     dataset.data_prefix = dict(img_path="img_dir/train")
     dataset.img_suffix, dataset.ann_file, dataset.pipeline = ".jpg", "", pipeline
     cfg.train_dataloader.dataset = dataset
-    if max_iters is not None:
-        cfg.train_cfg.max_iters = max_iters
-        for s in cfg.get("param_scheduler", []):
-            if s.get("end", 0) > max_iters:
-                s["end"] = max_iters
-        cfg.default_hooks.checkpoint.interval = max_iters
     if lr is not None:
         cfg.optim_wrapper.optimizer.lr = lr
-    cfg.val_dataloader = cfg.val_cfg = cfg.val_evaluator = None
-    cfg.train_cfg.val_interval = cfg.train_cfg.max_iters + 1
+    training_only(cfg, max_iters, "mmdelta-label-free-entropy")
     imports = dict(cfg.get("custom_imports") or dict(imports=[], allow_failed_imports=False))
     imports["imports"] = [*imports.get("imports", []), "mmdelta.label_free.entropy"]
     cfg.custom_imports = imports
-    cfg.visualizer.name = f"mmdelta-label-free-entropy-{uuid.uuid4().hex[:8]}"
     return cfg
 
 

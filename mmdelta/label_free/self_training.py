@@ -37,7 +37,6 @@ import copy
 import math
 import os
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,7 +45,7 @@ import numpy as np
 import torch
 
 from .norm_stats import LabelFreeError, adapt_norm_stats
-from .training_inputs import TrainingInputs, link, predict, require_recipe
+from .training_inputs import TrainingInputs, link, predict, require_recipe, training_only
 
 LOADERS = ("train_dataloader", "val_dataloader", "test_dataloader")
 EXAMPLE = "configs/demo/det_shapes_shifted.py"  # a patch recipe, for messages
@@ -238,15 +237,7 @@ def student_config(
         )
         pipeline.insert(len(pipeline) - 1, aug)
         dataset.pipeline = pipeline
-    if max_iters is not None:
-        cfg.train_cfg.max_iters = max_iters
-        for s in cfg.get("param_scheduler", []):
-            if s.get("end", 0) > max_iters:
-                s["end"] = max_iters
-        cfg.default_hooks.checkpoint.interval = max_iters
-    cfg.val_dataloader = cfg.val_cfg = cfg.val_evaluator = None
-    cfg.train_cfg.val_interval = cfg.train_cfg.max_iters + 1
-    cfg.visualizer.name = f"mmdelta-label-free-{uuid.uuid4().hex[:8]}"
+    training_only(cfg, max_iters, "mmdelta-label-free")
     return cfg
 
 

@@ -1,12 +1,14 @@
 """What the trained label-free methods (``self_training``, ``entropy``) share: reading a
 patch recipe, the base checkpoint and the unlabelled images, checking that the base file
-never changes, predicting over the images, and linking images into generated datasets."""
+never changes, predicting over the images, linking images into generated datasets, and
+turning a recipe into a training-only run."""
 
 from __future__ import annotations
 
 import copy
 import hashlib
 import os
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,3 +95,18 @@ def link(src: Path, dst: Path) -> None:
     if dst.exists() or dst.is_symlink():
         dst.unlink()
     os.symlink(Path(src).resolve(), dst)
+
+
+def training_only(cfg, max_iters: int | None, name: str) -> None:
+    """In place: ``cfg`` trains without validation (its val loader, loop and evaluator
+    removed), for ``max_iters`` iterations if given (scheduler ends clipped to it, one
+    checkpoint at the end), with a visualizer instance named ``name`` plus a unique suffix."""
+    if max_iters is not None:
+        cfg.train_cfg.max_iters = max_iters
+        for s in cfg.get("param_scheduler", []):
+            if s.get("end", 0) > max_iters:
+                s["end"] = max_iters
+        cfg.default_hooks.checkpoint.interval = max_iters
+    cfg.val_dataloader = cfg.val_cfg = cfg.val_evaluator = None
+    cfg.train_cfg.val_interval = cfg.train_cfg.max_iters + 1
+    cfg.visualizer.name = f"{name}-{uuid.uuid4().hex[:8]}"
